@@ -1,0 +1,1 @@
+"""Stage 2: benchmark any timm-loadable weights against ImageNet and random initialisation."""

@@ -1,0 +1,1 @@
+"""Data I/O: readers, de-identification, shards, and the synthetic demo corpus."""

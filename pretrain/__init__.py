@@ -1,0 +1,1 @@
+"""Stage 1: self-supervised pretraining (SimCLR, MAE) from WebDataset shards."""
