@@ -1,0 +1,97 @@
+"""``medssl demo``: the whole product on the embedded synthetic corpus, on a laptop-class CPU.
+
+It runs the same commands a user would, in order, each into its own folder under ``out``:
+
+    medssl synth   out/corpus
+    medssl shard   out/corpus --out out/shards --recipe datasets/recipes/demo.yaml
+    medssl pretrain configs/demo.yaml output_dir=out/pretrain data.shards=out/shards
+    medssl publish out/pretrain --out out/published
+    medssl finetune configs/finetune/demo.yaml output_dir=out/benchmark ...
+    medssl publish out/pretrain --out out/published --results out/benchmark/results.json
+
+Every stage is resumable, so re-running the demo after an interruption finishes the job
+instead of starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from medssl.errors import MedsslError
+
+log = logging.getLogger(__name__)
+
+#: Corpus size of the demo: large enough for a benchmark with meaningful intervals, small
+#: enough that synth + shard take well under a minute on two cores.
+DEMO_PATIENTS = 48
+DEMO_SLICES = 12
+DEMO_SIZE = 128
+
+
+def repo_root() -> Path:
+    """The checkout holding ``configs/`` and ``datasets/`` (medssl runs from a checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "configs" / "demo.yaml").is_file():
+        raise MedsslError(
+            f"{root}: configs/demo.yaml not found; run the demo from a medssl checkout "
+            "installed with pip install -e ."
+        )
+    return root
+
+
+def run_demo(out: Path) -> int:
+    """Run synth -> shard -> pretrain -> publish -> finetune into ``out``; returns an exit code."""
+    from medssl.cli import main
+
+    root = repo_root()
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, shards = out / "corpus", out / "shards"
+    run_dir, published, bench = out / "pretrain", out / "published", out / "benchmark"
+
+    stages: list[tuple[str, list[str]]] = [
+        ("synthesise the demo corpus", [
+            "synth", str(corpus), "--patients", str(DEMO_PATIENTS),
+            "--slices", str(DEMO_SLICES), "--size", str(DEMO_SIZE),
+        ]),
+        ("de-identify and shard it", [
+            "shard", str(corpus), "--out", str(shards),
+            "--recipe", str(root / "datasets" / "recipes" / "demo.yaml"), "--workers", "2",
+        ]),
+        ("pretrain SimCLR on efficientnet_lite0", [
+            "pretrain", str(root / "configs" / "demo.yaml"),
+            f"output_dir={run_dir}", f"data.shards={shards}",
+        ]),
+        ("publish the weights", ["publish", str(run_dir), "--out", str(published)]),
+        ("benchmark SSL vs ImageNet vs random", [
+            "finetune", str(root / "configs" / "finetune" / "demo.yaml"),
+            f"output_dir={bench}",
+            f"inits=[ssl:{published}, imagenet, random]",
+            f"tasks=[{{name: demo, kind: shards, path: {shards}}}]",
+        ]),
+        ("add the results to the model card", [
+            "publish", str(run_dir), "--out", str(published),
+            "--results", str(bench / "results.json"),
+        ]),
+    ]
+    started = time.perf_counter()
+    for number, (what, argv) in enumerate(stages, start=1):
+        log.info("demo step %d/%d: %s: medssl %s", number, len(stages), what, " ".join(argv))
+        t0 = time.perf_counter()
+        if argv[0] == "synth" and (corpus / "labels.csv").is_file():
+            log.info("corpus already written; keeping it")
+            continue
+        code = main(argv)
+        if code != 0:
+            log.error("demo stopped at step %d (%s); re-run `medssl demo --out %s` to resume",
+                      number, what, out)
+            return code
+        log.info("demo step %d done in %.0f s", number, time.perf_counter() - t0)
+
+    report = bench / "report.md"
+    log.info("demo finished in %.1f min", (time.perf_counter() - started) / 60)
+    print(report.read_text() if report.is_file() else "")
+    print(f"report: {report}\nplots:  {bench / 'plots'}\nweights: {published}")
+    return 0
