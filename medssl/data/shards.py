@@ -1,0 +1,134 @@
+"""Reading side of the shard format: find shards, read index.json, iterate decoded samples.
+
+Pretraining builds its own streaming loader on ``list_shards`` + ``sample.decode_image``;
+fine-tuning and evaluation use ``iter_samples``, a plain deterministic WebDataset pipeline
+(no shuffling, every shard in order). A broken sample is counted and logged, and the
+iteration fails once more than ``max_errors`` were skipped: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+from medssl.data.sample import decode_image
+from medssl.errors import MedsslError
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+FORMAT = "medssl-shards/1"
+
+
+def file_sha256(path: Path | str) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_index(directory: Path | str) -> dict:
+    """The parsed ``index.json`` of a shard folder (format ``medssl-shards/1``)."""
+    path = Path(directory) / INDEX_NAME
+    if not Path(directory).is_dir():
+        raise MedsslError(f"{directory}: no such shard folder")
+    if not path.is_file():
+        raise MedsslError(f"{path}: missing; is {directory} a folder written by `medssl shard`?")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MedsslError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise MedsslError(f"{path}: format is {index.get('format') if isinstance(index, dict) else None!r}, "
+                          f"expected {FORMAT!r}")
+    return index
+
+
+def list_shards(spec: str | Path, split: str | None = None) -> list[str]:
+    """Shard paths for a folder (via index.json), a glob, or a brace pattern, in sorted order.
+
+    ``split`` keeps only that split's shards (``{split}-NNNNNN.tar``). Raises MedsslError when
+    nothing matches, or when a brace pattern names a local file that does not exist.
+    """
+    text = str(spec)
+    if Path(text).is_dir():
+        index = read_index(text)
+        names = sorted(n for n, info in index["shards"].items()
+                       if split is None or info.get("split") == split)
+        if not names:
+            known = sorted({info.get("split") for info in index["shards"].values()})
+            raise MedsslError(f"{text}: no shards for split {split!r} (splits present: {known})")
+        return [str(Path(text) / n) for n in names]
+    if "{" in text and ".." in text:
+        urls = expand_urls(text)
+        missing = [u for u in urls if "://" not in u and not Path(u).exists()]
+        if missing:
+            raise MedsslError(f"data.shards {text}: {len(missing)} of {len(urls)} shards do not "
+                              f"exist (first: {missing[0]})")
+    else:
+        urls = sorted(glob.glob(text))
+    if split is not None:
+        urls = [u for u in urls if Path(u).name.startswith(f"{split}-")]
+    if not urls:
+        where = f" for split {split!r}" if split else ""
+        raise MedsslError(f"data.shards {text}: matches no shard files{where}; give a shard "
+                          "folder, a glob like data/train-*.tar, or data/train-{000000..000009}.tar")
+    return urls
+
+
+class ErrorBudget:
+    """A WebDataset handler that counts skipped samples and raises past ``max_errors``.
+
+    WebDataset's own ``warn_and_continue`` never stops and sleeps 0.5 s per error; a corrupt
+    shard must not silently shrink a benchmark's test set.
+    """
+
+    def __init__(self, max_errors: int = 0) -> None:
+        self.max_errors = max_errors
+        self.errors = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.errors += 1
+        log.warning("skipped a broken shard sample (%d so far): %s: %s",
+                    self.errors, type(exn).__name__, exn)
+        if self.errors > self.max_errors:
+            raise MedsslError(f"{self.errors} broken shard samples, more than the {self.max_errors} "
+                              f"allowed; last: {type(exn).__name__}: {exn}") from exn
+        return True
+
+
+def _decode(sample: dict) -> tuple[str, np.ndarray, dict]:
+    meta = json.loads(sample["json"])
+    if "cls" in sample and meta.get("label") is None:
+        meta["label"] = int(sample["cls"])
+    return sample["__key__"], decode_image(sample["img.png"]), meta
+
+
+def iter_samples(shards: list[str], max_errors: int = 0) -> Iterator[tuple[str, np.ndarray, dict]]:
+    """Yield ``(key, image, meta)`` for every sample, in shard order then tar order.
+
+    ``image`` is ``[C, H, W]``: uint16 for grayscale, uint8 for RGB (``sample.decode_image``);
+    ``meta`` is the sample's json (``label`` included when a recipe gave one). Every process
+    reads every shard (no node or worker splitting): this is for caching labeled data.
+    """
+    if not shards:
+        raise MedsslError("iter_samples: empty shard list")
+    budget = ErrorBudget(max_errors)
+    dataset = (
+        wds.WebDataset(list(shards), shardshuffle=False, handler=budget, nodesplitter=None,
+                       workersplitter=None, empty_check=False)
+        .map(_decode, handler=budget)
+    )
+    yield from dataset
+    if budget.errors:
+        log.warning("%d broken samples skipped while reading %d shards", budget.errors, len(shards))
