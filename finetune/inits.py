@@ -1,0 +1,89 @@
+"""Initialisation sources: ``ssl:DIR`` (a published dir), ``imagenet`` and ``random``.
+
+All three build the same timm architecture through ``medssl.models.create_backbone``, so a
+comparison differs only in the starting weights. Each source also fixes the input recipe:
+channels, mean/std and (for grayscale scans) the intensity window.
+
+- ssl:DIR: channels, mean, std and window from the published ``config.json`` pretrained_cfg.
+- imagenet: the mean/std the weights were trained with (``medssl.models.backbone_input_cfg``);
+  on grayscale input in_chans=1 with timm's own first-conv adaptation (it sums the RGB
+  filters), and mean/std = the average of the RGB ones, so a gray pixel is normalised like
+  the RGB image it stands for.
+- random: timm's default mean/std for the arch (averaged likewise for one channel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from medssl.errors import MedsslError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InitSource:
+    init: str                 # as written in the config
+    label: str                # short display name: ssl:<dirname> | imagenet | random
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    window: tuple[float, float] | None   # (center, width) for grayscale; None = sample's own
+    make: Callable[[], nn.Module]        # a fresh backbone with these weights, per call
+
+
+def display_name(init: str) -> str:
+    return f"ssl:{Path(init[4:]).name}" if init.startswith("ssl:") else init
+
+
+def fingerprint(init: str, imagenet_weights: str | None) -> str:
+    """What identifies the weights, for cell keys: an ssl dir's SHA256SUMS digest (so re-published
+    weights never reuse old cells), the ImageNet file, or the init name."""
+    if init.startswith("ssl:"):
+        sums = Path(init[4:]).expanduser() / "SHA256SUMS"
+        if not sums.is_file():
+            raise MedsslError(f"inits: {init}: {sums} not found; is it a `medssl publish` dir?")
+        return "ssl:" + hashlib.sha256(sums.read_bytes()).hexdigest()[:16]
+    if init == "imagenet":
+        return f"imagenet:{Path(imagenet_weights).name if imagenet_weights else 'auto'}"
+    return init
+
+
+def load_init(init: str, arch: str, data_channels: int, in_chans: int | None,
+              imagenet_weights: str | None) -> InitSource:
+    """Build the backbone once (checking the weights) and derive its input recipe.
+
+    Raises WeightsUnavailable when ImageNet weights cannot be had; the runner records a skip.
+    """
+    from medssl.models import backbone_input_cfg, create_backbone
+
+    window = None
+    if init.startswith("ssl:"):
+        chans, window = _published_input(init)
+    else:
+        chans = in_chans or data_channels
+    kwargs = {"imagenet_weights": imagenet_weights} if init == "imagenet" else {}
+
+    def make() -> nn.Module:
+        return create_backbone(arch, chans, init, **kwargs)
+
+    cfg = backbone_input_cfg(make())
+    return InitSource(init=init, label=display_name(init), in_chans=chans,
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), window=window, make=make)
+
+
+def _published_input(init: str) -> tuple[int, tuple[float, float] | None]:
+    path = Path(init[4:]).expanduser() / "config.json"
+    if not path.is_file():
+        raise MedsslError(f"inits: {init}: {path} not found; is it a `medssl publish` dir?")
+    pcfg = json.loads(path.read_text()).get("pretrained_cfg") or {}
+    in_chans = int(pcfg.get("in_chans") or (pcfg.get("input_size") or [3])[0])
+    win = pcfg.get("window")
+    return in_chans, ((float(win["center"]), float(win["width"])) if win else None)

@@ -1,0 +1,194 @@
+"""``medssl finetune CONFIG.yaml [key=value ...]``: run the benchmark grid, resumably.
+
+For each task: load it once, draw the label-fraction subsets once (shared by every init and
+protocol, so comparisons are paired), then for each init build the backbone once, cache its
+frozen features, and run the unfinished (protocol, fraction, seed) cells. Finished cells are
+read back from ``cells.jsonl``; results.json, report.md and the plots are rebuilt from all
+cells at the end of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from finetune.cells import CellStore, cell_key
+from finetune.config import FinetuneRunConfig, TaskConfig
+from finetune.features import cached_features
+from finetune.fractions import draw_subset
+from finetune.full import run_finetune
+from finetune.inits import display_name, fingerprint, load_init
+from finetune.knn import run_knn
+from finetune.linear import run_linear
+from finetune.metrics import evaluate
+from finetune.preprocess import Preprocessor
+from finetune.report import aggregate_task, plot_task, summaries_to_json, write_report
+from finetune.tasks import SPLITS, TaskData, load_task
+from finetune.tracking import Tracker
+from medssl.config import git_sha, load_config, save_config, to_dict
+from medssl.errors import MedsslError
+
+log = logging.getLogger(__name__)
+
+
+def finetune_command(config_path: Path, overrides: list[str]) -> int:
+    """Validate the config, run every unfinished cell, write results; returns the exit code."""
+    cfg = load_config(FinetuneRunConfig, config_path, overrides)
+    _preflight(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    results = run_suite(cfg)
+    n_ok = sum(r["status"] == "ok" for r in results["rows"])
+    n_skip = len(results["rows"]) - n_ok
+    print(f"finetune: {n_ok} cells ok, {n_skip} skipped; report: {out / 'report.md'}")
+    return 0
+
+
+def _preflight(cfg: FinetuneRunConfig) -> None:
+    """Fail before any work on what the user can fix: missing data or weights folders."""
+    for task in cfg.tasks:
+        if task.kind == "medmnist":
+            suffix = "" if task.size == 28 else f"_{task.size}"
+            npz = Path(task.root) / f"{task.flag}{suffix}.npz"
+            if not npz.is_file():
+                import medmnist
+
+                url = medmnist.INFO[task.flag]["url" + suffix].split("?")[0]
+                raise MedsslError(f"tasks: {task.name}: {npz} not found; download it from {url} into {task.root}")
+        elif not (Path(task.path) / "index.json").is_file():
+            raise MedsslError(f"tasks: {task.name}: {Path(task.path) / 'index.json'} not found; "
+                              "point path at a folder written by `medssl shard --recipe ...`")
+    for init in cfg.inits:
+        fingerprint(init, cfg.imagenet_weights)  # raises for a missing published dir
+    if cfg.imagenet_weights and not Path(cfg.imagenet_weights).is_file():
+        raise MedsslError(f"imagenet_weights: {cfg.imagenet_weights} not found")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run_suite(cfg: FinetuneRunConfig) -> dict:
+    """Run the grid; write results.json, report.md and plots; return the results dict."""
+    out = Path(cfg.output_dir)
+    device = resolve_device(cfg.device)
+    store = CellStore(out)
+    tracker = Tracker(cfg, out)
+    rows: list[dict] = []
+    aggregates: list[dict] = []
+    tasks_info: dict[str, dict] = {}
+    try:
+        for task_cfg in cfg.tasks:
+            task = load_task(task_cfg)
+            tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS}}
+            task_rows = _run_task(cfg, task_cfg, task, store, tracker, device)
+            scores = {r["key"]: store.scores(r["key"]) for r in task_rows if r["status"] == "ok"}
+            task_aggs = aggregate_task(task, task_rows, scores, cfg)
+            plot_task(out / "plots" / f"{task.name}.png", task.name, cfg, task_aggs)
+            rows += task_rows
+            aggregates += task_aggs
+        results = summaries_to_json({
+            "format": "medssl-finetune-results/1", "git_sha": git_sha(), "config": to_dict(cfg),
+            "tasks": tasks_info, "rows": rows, "aggregates": aggregates,
+        })
+        _write_json(out / "results.json", results)
+        write_report(out / "report.md", cfg, tasks_info, rows, aggregates)
+        tracker.finish(rows, aggregates)
+    finally:
+        tracker.close()
+    return results
+
+
+def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, store: CellStore,
+              tracker: Tracker, device: torch.device) -> list[dict]:
+    train = task.splits["train"]
+    labels = {s: task.splits[s].labels for s in SPLITS}
+    subsets = {(f, s): draw_subset(train.labels, f, s, train.patients, task.multilabel)
+               for f in cfg.label_fractions for s in cfg.seeds}
+    common = {"task": task.fingerprint, "arch": cfg.model.arch, "in_chans": cfg.model.in_chans,
+              "input_size": cfg.input_size, "interpolation": cfg.interpolation}
+    protocol_cfg = {"knn": to_dict(cfg.knn), "linear": to_dict(cfg.linear), "finetune": to_dict(cfg.finetune)}
+    rows = []
+    for init in cfg.inits:
+        fp = fingerprint(init, cfg.imagenet_weights)
+        cells = []
+        for protocol in cfg.protocols:
+            for fraction in cfg.label_fractions:
+                for seed in cfg.seeds:
+                    key = cell_key(**common, init=fp, protocol=protocol, settings=protocol_cfg[protocol],
+                                   fraction=fraction, seed=seed)
+                    cells.append((protocol, fraction, seed, key))
+        todo = [c for c in cells if c[3] not in store]
+        rows += [store.rows[c[3]] for c in cells if c[3] in store]
+        if not todo:
+            continue
+        log.info("%s / %s: %d cells to run, %d already finished", task.name, display_name(init),
+                 len(todo), len(cells) - len(todo))
+        try:
+            source = load_init(init, cfg.model.arch, task.channels, cfg.model.in_chans, cfg.imagenet_weights)
+        except MedsslError as exc:
+            from medssl.models import WeightsUnavailable
+
+            if not isinstance(exc, WeightsUnavailable):
+                raise
+            log.warning("%s: skipping %s: %s", task.name, init, exc)
+            rows += [_row(task, init, p, f, s, k, len(subsets[(f, s)]), status="skipped", reason=str(exc))
+                     for p, f, s, k in todo]
+            continue
+        prep = Preprocessor(source, cfg.input_size, cfg.interpolation)
+        feats = None
+        feat_key = cell_key(**common, init=fp)
+        for protocol, fraction, seed, key in tqdm(todo, desc=f"{task.name}/{display_name(init)}", leave=False):
+            idx = subsets[(fraction, seed)]
+            t0 = time.perf_counter()
+            if protocol in ("knn", "linear") and feats is None:
+                feats = cached_features(Path(cfg.output_dir) / "features" / f"{task.name}-{feat_key}.npz",
+                                        source.make, task, prep, device, cfg.feature_batch_size)
+            if protocol == "knn":
+                result = run_knn(feats, labels, idx, task.task, task.n_classes, cfg.knn.k, cfg.knn.temperature)
+            elif protocol == "linear":
+                result = run_linear(feats, labels, idx, task.task, task.n_classes, cfg.linear.Cs,
+                                    cfg.linear.max_iter, seed)
+            else:
+                result = run_finetune(source.make, task, idx, prep, cfg.finetune, device, seed,
+                                      cfg.feature_batch_size)
+            if "error" in result:
+                rows.append(_row(task, init, protocol, fraction, seed, key, len(idx), status="skipped",
+                                 reason=result["error"]))
+                continue
+            auc, acc = evaluate(labels["test"], result["test_scores"], task.task)
+            row = _row(task, init, protocol, fraction, seed, key, len(idx), status="ok", auc=auc, acc=acc,
+                       val_auc=result["val_auc"], chosen=result["chosen"],
+                       seconds=round(time.perf_counter() - t0, 3))
+            store.add(row, result["test_scores"])
+            tracker.log_row(row)
+            rows.append(row)
+    return rows
+
+
+
+def _row(task: TaskData, init: str, protocol: str, fraction: float, seed: int, key: str, n_train: int,
+         status: str, reason: str = "", **metrics: object) -> dict:
+    row = {"task": task.name, "init": init, "init_label": display_name(init), "protocol": protocol,
+           "fraction": fraction, "seed": seed, "n_train": int(n_train), "status": status,
+           "reason": reason, "auc": None, "acc": None, "key": key}
+    row.update(metrics)
+    if isinstance(row["auc"], float) and not np.isfinite(row["auc"]):
+        row["auc"] = float("nan")
+    return row
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    os.replace(tmp, path)

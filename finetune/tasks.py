@@ -1,0 +1,160 @@
+"""Downstream tasks as in-memory splits: MedMNIST npz files (via ``medmnist``) or labeled shards.
+
+A task gives, per split, the images at their stored dtype and size, labels in medmnist's
+layout (``[N, 1]`` integer for binary/multi-class, ``[N, L]`` 0/1 for multi-label), patient
+pseudonyms when the source has them, and the task type string medmnist's evaluator uses
+('binary-class', 'multi-class', 'multi-label, binary-class', 'ordinal-regression').
+Intensity mapping to [0, 1] depends on the initialisation, so it happens later
+(``finetune/preprocess.py``), not here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune.config import TaskConfig
+from medssl.errors import MedsslError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SHARD_TASK_TYPES = {"binary": "binary-class", "multiclass": "multi-class", "multilabel": "multi-label, binary-class"}
+
+
+@dataclass
+class Split:
+    """One split. ``images``: uint8 ``[N, H, W, C]`` (MedMNIST) or a list of ``[C, H, W]`` arrays
+    (shards: uint16 grayscale or uint8 RGB). ``windows``: per-sample ``(center, width)`` in
+    modality units for grayscale shards, else None. ``labels``: ``[N, L]`` int64."""
+
+    images: np.ndarray | list[np.ndarray]
+    labels: np.ndarray
+    patients: np.ndarray | None = None
+    intensity: list[tuple[float, float]] | None = None   # (offset, slope) per sample
+    windows: list[tuple[float, float] | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class TaskData:
+    name: str
+    task: str              # medmnist task string
+    n_classes: int         # output columns of a score matrix (labels for multi-label)
+    channels: int          # 1 or 3
+    source: str            # "medmnist" | "grayscale-shards" | "rgb-shards"
+    splits: dict[str, Split] = field(default_factory=dict)
+    #: What changes the task's meaning (file checksum-free but size/count sensitive), for cell keys.
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multi-label, binary-class"
+
+
+def load_task(cfg: TaskConfig) -> TaskData:
+    """Load all three splits of a task into memory; raises MedsslError naming the missing file."""
+    if cfg.kind == "medmnist":
+        return _load_medmnist(cfg)
+    return _load_shards(cfg)
+
+
+def _load_medmnist(cfg: TaskConfig) -> TaskData:
+    import medmnist
+
+    info = medmnist.INFO[cfg.flag]
+    suffix = "" if cfg.size == 28 else f"_{cfg.size}"
+    npz = Path(cfg.root) / f"{cfg.flag}{suffix}.npz"
+    if not npz.is_file():
+        raise MedsslError(
+            f"tasks: {cfg.name}: {npz} not found; download it from {info['url' + suffix].split('?')[0]} "
+            f"(or `python -m medmnist download`) into {cfg.root}"
+        )
+    cls = getattr(medmnist, info["python_class"])
+    splits = {}
+    for split in SPLITS:
+        ds = cls(split=split, root=str(cfg.root), size=cfg.size, download=False)
+        try:
+            len(ds)  # medmnist asserts the official split size here
+        except AssertionError:
+            raise MedsslError(
+                f"tasks: {cfg.name}: {npz} has {ds.imgs.shape[0]} {split} images, medmnist expects "
+                f"{info['n_samples'][split]}; the file is not the official {cfg.flag}{suffix}.npz"
+            ) from None
+        imgs = np.asarray(ds.imgs)
+        if imgs.ndim == 3:
+            imgs = imgs[..., None]
+        splits[split] = Split(images=imgs, labels=np.asarray(ds.labels).astype(np.int64).reshape(len(imgs), -1))
+    task = info["task"]
+    n_classes = len(info["label"])
+    return TaskData(
+        name=cfg.name, task=task, n_classes=n_classes, channels=int(info["n_channels"]),
+        source="medmnist", splits=splits,
+        fingerprint={"kind": "medmnist", "flag": cfg.flag, "size": cfg.size,
+                     "n": {s: len(v) for s, v in splits.items()}},
+    )
+
+
+def _load_shards(cfg: TaskConfig) -> TaskData:
+    root = Path(cfg.path)
+    index = _read_index(root)
+    labels_info = index.get("labels")
+    if not labels_info:
+        raise MedsslError(f"tasks: {cfg.name}: {root}/index.json has no labels; shard with a --recipe that gives labels")
+    kind = labels_info.get("type")
+    if kind not in SHARD_TASK_TYPES:
+        raise MedsslError(f"tasks: {cfg.name}: {root}/index.json labels.type {kind!r} is not binary|multiclass|multilabel")
+    names = list(labels_info.get("names") or [])
+    n_classes = len(names) if names else 2
+    splits: dict[str, Split] = {}
+    channels = None
+    for split in SPLITS:
+        images, labels, patients, intensity, windows = [], [], [], [], []
+        for _key, image, meta in _iter_split(root, split):
+            if meta.get("label") is None:
+                raise MedsslError(f"tasks: {cfg.name}: a {split} sample in {root} has no label")
+            images.append(image)
+            lab = meta["label"]
+            labels.append(list(lab) if kind == "multilabel" else [int(lab)])
+            patients.append(str(meta.get("patient") or ""))
+            inten = meta.get("intensity") or {}
+            intensity.append((float(inten.get("offset", 0.0)), float(inten.get("slope", 1.0))))
+            win = meta.get("window")
+            windows.append((float(win["center"]), float(win["width"])) if win else None)
+            channels = channels or image.shape[0]
+        if not images:
+            raise MedsslError(f"tasks: {cfg.name}: {root} has no {split} samples; re-shard with a {split} split")
+        lab_arr = np.asarray(labels, dtype=np.int64)
+        pat = np.asarray(patients) if all(patients) else None
+        splits[split] = Split(images=images, labels=lab_arr, patients=pat,
+                              intensity=intensity if channels == 1 else None,
+                              windows=windows if channels == 1 else None)
+    if kind == "multiclass":
+        seen = int(max(s.labels.max() for s in splits.values())) + 1
+        n_classes = max(n_classes, seen)
+    elif kind == "multilabel":
+        n_classes = splits["train"].labels.shape[1]
+    return TaskData(
+        name=cfg.name, task=SHARD_TASK_TYPES[kind], n_classes=n_classes, channels=int(channels or 1),
+        source="grayscale-shards" if channels == 1 else "rgb-shards", splits=splits,
+        fingerprint={"kind": "shards", "path": str(root.resolve()),
+                     "shards": sorted((k, v.get("sha256")) for k, v in index.get("shards", {}).items())},
+    )
+
+
+def _read_index(root: Path) -> dict:
+    from medssl.data.shards import read_index
+
+    return read_index(root)
+
+
+def _iter_split(root: Path, split: str):
+    """Yield ``(key, image [C,H,W], meta)`` for one split via the shared shard reader."""
+    from medssl.data.shards import iter_samples, list_shards
+
+    yield from iter_samples(list_shards(str(root), split))

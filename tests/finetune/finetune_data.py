@@ -1,0 +1,118 @@
+"""Synthetic data for the finetune tests (imported by the test files): MedMNIST npz files in
+the official layout and sizes, and tiny labeled shard folders in the medssl shard format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from medssl.data.sample import encode_intensity, encode_png
+
+BREAST_SIZES = {"train": 546, "val": 78, "test": 156}
+
+
+def synthetic_images(labels: np.ndarray, size: int, rng: np.random.Generator, signal: bool,
+                     amplitude: float = 30.0,
+                     channels: int = 1) -> np.ndarray:
+    """uint8 ``[N, size, size]`` (or ``[..., 3]``): noise plus, when ``signal``, a bright square
+    whose position encodes the class (first positive label for multi-label)."""
+    n = len(labels)
+    imgs = rng.normal(100, 25, size=(n, size, size)).clip(0, 255)
+    if signal:
+        y = labels.reshape(n, -1)
+        for i in range(n):
+            if y.shape[1] == 1:
+                c = int(y[i, 0])
+                positions = [c]
+            else:
+                positions = list(np.flatnonzero(y[i]))
+            for c in positions:
+                r0 = (c * 7) % (size - 8)
+                c0 = (c * 11) % (size - 8)
+                imgs[i, r0:r0 + 8, c0:c0 + 8] += amplitude
+    imgs = imgs.clip(0, 255).astype(np.uint8)
+    if channels == 3:
+        imgs = np.repeat(imgs[..., None], 3, axis=-1)
+    return imgs
+
+
+def write_medmnist_npz(root: Path, flag: str = "breastmnist", signal: bool = True, seed: int = 0,
+                       sizes: dict[str, int] | None = None, n_classes: int = 2,
+                       multilabel: bool = False, channels: int = 1) -> Path:
+    """``{flag}.npz`` with keys ``{split}_images`` uint8 and ``{split}_labels`` ``[N, 1]``
+    (``[N, L]`` multi-label), exactly as medmnist's files are laid out."""
+    import medmnist
+
+    info = medmnist.INFO[flag]
+    sizes = sizes or info["n_samples"]
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in sizes.items():
+        if multilabel:
+            labels = (rng.random((n, n_classes)) < 0.3).astype(np.uint8)
+        else:
+            labels = (np.arange(n) % n_classes).astype(np.uint8)[:, None]
+            rng.shuffle(labels)
+        arrays[f"{split}_images"] = synthetic_images(labels, 28, rng, signal, channels=channels)
+        arrays[f"{split}_labels"] = labels
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{flag}.npz"
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def write_labeled_shards(out: Path, kind: str = "multiclass", n_classes: int = 3, signal: bool = True,
+                         patients: int = 30, per_patient: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """A shard folder (``{split}-000000.tar`` + index.json) of 16-bit CT-like slices in HU,
+    split by patient 60/20/20, labelled per patient."""
+    import webdataset as wds
+
+    from medssl.data.shards import file_sha256
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    split_of = {p: ("train" if p % 5 < 3 else "val" if p % 5 == 3 else "test") for p in range(patients)}
+    writers, counts, pats = {}, {}, {}
+    for split in ("train", "val", "test"):
+        writers[split] = wds.TarWriter(str(out / f"{split}-000000.tar"))
+        counts[split] = 0
+        pats[split] = set()
+    for p in range(patients):
+        if kind == "multilabel":
+            label = (rng.random(n_classes) < 0.4).astype(int)
+            label[p % n_classes] = 1
+            label_arr = label[None]
+        else:
+            label = p % (2 if kind == "binary" else n_classes)
+            label_arr = np.array([[label]])
+        imgs = synthetic_images(np.repeat(label_arr, per_patient, axis=0), size, rng, signal)
+        for k, img in enumerate(imgs):
+            hu = img.astype(np.int32) * 4 - 400  # 0..255 -> -400..620 HU
+            stored, offset, slope = encode_intensity(hu)
+            meta = {"modality": "CT", "patient": f"p-{p:016x}", "channels": 1,
+                    "intensity": {"offset": offset, "slope": slope, "unit": "HU"},
+                    "window": {"center": 110.0, "width": 1020.0},
+                    "label": label.tolist() if kind == "multilabel" else int(label)}
+            split = split_of[p]
+            sample = {"__key__": f"p{p:03d}-{k:04d}", "img.png": encode_png(stored),
+                      "json": json.dumps(meta).encode()}
+            if kind != "multilabel":
+                sample["cls"] = str(int(label)).encode()
+            writers[split].write(sample)
+            counts[split] += 1
+            pats[split].add(p)
+    for w in writers.values():
+        w.close()
+    names = [f"c{i}" for i in range(2 if kind == "binary" else n_classes)]
+    index = {
+        "format": "medssl-shards/1", "medssl_version": "0.1.0", "created": "2026",
+        "shards": {f"{s}-000000.tar": {"split": s, "samples": counts[s],
+                                        "sha256": file_sha256(out / f"{s}-000000.tar")}
+                   for s in counts},
+        "splits": {s: {"samples": counts[s], "patients": len(pats[s])} for s in counts},
+        "labels": {"type": kind, "names": names},
+    }
+    (out / "index.json").write_text(json.dumps(index))
+    return out
