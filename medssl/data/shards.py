@@ -48,9 +48,9 @@ def read_index(directory: Path | str) -> dict:
         index = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MedsslError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise MedsslError(f"{path}: format is {index.get('format') if isinstance(index, dict) else None!r}, "
-                          f"expected {FORMAT!r}")
+    found = index.get("format") if isinstance(index, dict) else None
+    if found != FORMAT:
+        raise MedsslError(f"{path}: format is {found!r}, expected {FORMAT!r}")
     return index
 
 
@@ -81,8 +81,9 @@ def list_shards(spec: str | Path, split: str | None = None) -> list[str]:
         urls = [u for u in urls if Path(u).name.startswith(f"{split}-")]
     if not urls:
         where = f" for split {split!r}" if split else ""
-        raise MedsslError(f"data.shards {text}: matches no shard files{where}; give a shard "
-                          "folder, a glob like data/train-*.tar, or data/train-{000000..000009}.tar")
+        raise MedsslError(f"data.shards {text}: matches no shard files{where}; give a "
+                          "shard folder, a glob (train-*.tar) or a brace pattern "
+                          "(train-{000000..000009}.tar)")
     return urls
 
 
@@ -102,8 +103,9 @@ class ErrorBudget:
         log.warning("skipped a broken shard sample (%d so far): %s: %s",
                     self.errors, type(exn).__name__, exn)
         if self.errors > self.max_errors:
-            raise MedsslError(f"{self.errors} broken shard samples, more than the {self.max_errors} "
-                              f"allowed; last: {type(exn).__name__}: {exn}") from exn
+            last = f"{type(exn).__name__}: {exn}"
+            raise MedsslError(f"{self.errors} broken shard samples, more than the "
+                              f"{self.max_errors} allowed; last: {last}") from exn
         return True
 
 

@@ -31,15 +31,18 @@ def parse_splits(spec: str) -> dict[str, float]:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep:
-            raise MedsslError(f"--splits: '{part}' is not NAME=FRACTION (e.g. train=0.8,val=0.1,test=0.1)")
+            raise MedsslError(f"--splits: '{part}' is not NAME=FRACTION "
+                              "(e.g. train=0.8,val=0.1,test=0.1)")
         if not _NAME.match(name):
-            raise MedsslError(f"--splits: split name '{name}' must be lower-case letters, digits or _")
+            raise MedsslError(f"--splits: split name '{name}' must be lower-case letters, "
+                              "digits or _")
         if name in fractions:
             raise MedsslError(f"--splits: split '{name}' is given twice")
         try:
             fraction = float(value)
         except ValueError:
-            raise MedsslError(f"--splits: fraction '{value}' of split '{name}' is not a number") from None
+            raise MedsslError(f"--splits: fraction '{value}' of split '{name}' "
+                              "is not a number") from None
         if math.isnan(fraction) or fraction <= 0:
             raise MedsslError(f"--splits: fraction of split '{name}' must be > 0, got {value}")
         fractions[name] = fraction
@@ -68,7 +71,8 @@ def assign_split(patient_pseudonym: str, fractions: dict[str, float],
     if official is not None and str(official).strip():
         name = str(official).strip().lower()
         if not _NAME.match(name):
-            raise MedsslError(f"recipe split value '{official}' is not a valid split name ([a-z0-9_]+)")
+            raise MedsslError(f"recipe split value '{official}' is not a valid split name "
+                              "([a-z0-9_]+)")
         return name
     u = unit_interval(patient_pseudonym)
     cumulative = 0.0
