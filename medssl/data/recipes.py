@@ -201,6 +201,16 @@ class Recipe:
             path = _resolve(base, rel)
             root = _resolve(base, self.root) if self.root is not None else path.parent
             entries += _read_entries(self, path, root, split, check_files)
+        # Two rows for one image (or one slice) would write it twice, perhaps with two labels.
+        seen: dict[tuple[Path, int | None], ManifestEntry] = {}
+        for e in entries:
+            first = seen.setdefault((e.path, e.slice), e)
+            if first is not e:
+                where = "" if e.slice is None else f" slice {e.slice}"
+                raise MedsslError(
+                    f"{e.manifest}: row {e.row} repeats the image{where} of row {first.row} "
+                    f"in {first.manifest.name}; keep one row per image"
+                )
         reasons = Counter(e.quarantine for e in entries if e.quarantine)
         if reasons:
             log.warning("recipe %s: %d of %d manifest rows cannot be written: %s", self.name,

@@ -264,6 +264,13 @@ def test_split_column_slice_column_and_binary(tmp_path):
     assert recipe.labels_info() == {"type": "binary", "names": ["negative", "positive"]}
 
 
+def test_a_repeated_image_is_an_error(corpus, tmp_path):
+    rows = (corpus / "labels.csv").read_text().splitlines()
+    (tmp_path / "labels.csv").write_text("\n".join([*rows, rows[2]]) + "\n")
+    with pytest.raises(MedsslError, match="row 9 repeats the image of row 1 in labels.csv"):
+        load_recipe(RECIPES / "demo.yaml").manifest_entries([tmp_path], check_files=False)
+
+
 def test_unmapped_split_value_is_an_error(tmp_path):
     (tmp_path / "m.csv").write_text("img,pid,fold,y\nx.png,1,holdout,0\n")
     recipe = load_recipe(_write_recipe(tmp_path, {
