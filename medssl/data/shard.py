@@ -69,6 +69,8 @@ class InputItem:
     patient_id: str | None = None
     label: int | list[int] | None = None
     split: str | None = None
+    slice: int | None = None        # keep only this slice of a volume (recipe slice_column)
+    quarantine: str | None = None   # the recipe already knows it cannot be written
 
     @property
     def identity(self) -> str:
@@ -168,6 +170,8 @@ def process_input(item: InputItem, job: Job) -> InputResult:
     """Read one file to samples; a file is written whole or quarantined whole."""
     from medssl.data import readers
 
+    if item.quarantine:
+        return InputResult(item.index, "quarantined", reason=item.quarantine)
     pseudo = _pseudonymizer(job.salt)
     samples: list[Encoded] = []
     modality = None
@@ -175,6 +179,8 @@ def process_input(item: InputItem, job: Job) -> InputResult:
         slices = readers.read_slices(Path(item.path), axis=job.axis,
                                      allow_burned_in=job.allow_burned_in, max_side=job.max_side)
         for slice_no, sl in enumerate(slices):
+            if item.slice is not None and slice_no != item.slice:
+                continue
             modality = modality or sl.modality
             samples.append(encode_slice(sl, pseudo, item, slice_no, job))
     except readers.Quarantine as exc:
@@ -185,7 +191,8 @@ def process_input(item: InputItem, job: Job) -> InputResult:
         detail = f"{type(exc).__name__}: {exc}"[:300]
         return InputResult(item.index, "quarantined", reason="read_error", detail=detail)
     if not samples:
-        return InputResult(item.index, "quarantined", reason="no_images")
+        reason = "no_images" if item.slice is None else "slice_out_of_range"
+        return InputResult(item.index, "quarantined", reason=reason)
     return InputResult(item.index, "written", samples=samples, modality=modality)
 
 
@@ -270,9 +277,12 @@ class SplitWriter:
         self.file = None
 
 
-def _inputs_digest(salt: bytes, paths: list[str]) -> str:
-    # Salted, so the index can tell "same inputs" apart without revealing any path.
-    return hmac.new(salt, "\n".join(paths).encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+def _inputs_digest(salt: bytes, items: list[InputItem]) -> str:
+    # Salted, so the index can tell "same inputs" apart without revealing any path. Labels and
+    # splits are in it too: a re-run after a manifest edit must not pass as "already complete".
+    text = json.dumps([[it.identity, it.patient_id, it.label, it.split, it.slice, it.quarantine]
+                       for it in items])
+    return hmac.new(salt, text.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
 def _collect_inputs(args: argparse.Namespace):
@@ -283,9 +293,11 @@ def _collect_inputs(args: argparse.Namespace):
 
         recipe = load_recipe(args.recipe)
     if recipe is not None and recipe.manifest is not None:
-        entries = recipe.manifest_entries(list(args.inputs))
+        # include_dropped: rows the label policy drops are reported, not silently skipped
+        entries = recipe.manifest_entries(list(args.inputs), include_dropped=True)
         items = [InputItem(i, str(e.path), patient_id=str(e.patient_id), label=e.label,
-                           split=getattr(e, "split", None)) for i, e in enumerate(entries)]
+                           split=e.split, slice=e.slice, quarantine=e.quarantine)
+                 for i, e in enumerate(entries)]
     else:
         from medssl.data import readers
 
@@ -517,7 +529,7 @@ def shard_command(args: argparse.Namespace) -> int:
         if recipe else None,
         "salt_id": deid.salt_id(salt), "allow_burned_in": bool(args.allow_burned_in),
         "inputs": {"count": len(items),
-                   "digest": _inputs_digest(salt, [it.identity for it in items])},
+                   "digest": _inputs_digest(salt, items)},
     }
     index_file = out / INDEX_NAME
     if index_file.exists():
