@@ -331,67 +331,53 @@ def _add_effusion(rng, hu, right, left, min_px) -> np.ndarray:
     return mask
 
 
+#: Attributes every synthetic slice shares; none of them identifies anyone.
+_CONSTANT = {
+    "SpecificCharacterSet": "ISO_IR 100", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+    "SOPClassUID": CTImageStorage, "Modality": "CT", "Manufacturer": "MEDSSL SYNTHETIC",
+    "SeriesDescription": "AXIAL CHEST", "BodyPartExamined": "CHEST", "KVP": "120",
+    "PatientPosition": "HFS", "StudyID": "1", "SeriesNumber": 2,
+    "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "SamplesPerPixel": 1,
+    "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 16,
+    "HighBit": 15, "PixelRepresentation": 1, "BurnedInAnnotation": "NO", "WindowCenter": "40",
+    "WindowWidth": "400", "RescaleIntercept": str(RESCALE_INTERCEPT), "RescaleSlope": "1",
+    "RescaleType": "HU",
+}
+
+
 def _slice_dataset(ident: FakeIdentity, vol: Phantom, k: int, size: int, spacing_mm: float) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = ident.sop_uids[k]
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "MEDSSL_SYNTH"
+    """Slice ``k`` as a CT Image Storage dataset with file meta (pydicom sorts tags on write)."""
     ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ident.sop_uids[k]
-    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ident.study_date
-    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = ident.study_time
-    ds.AcquisitionDateTime = ident.acquisition_datetime
-    ds.AccessionNumber = ident.accession
-    ds.Modality = "CT"
-    ds.Manufacturer = "MEDSSL SYNTHETIC"
-    ds.InstitutionName = ident.institution
-    ds.InstitutionAddress = ident.address
-    ds.ReferringPhysicianName = ident.referring
-    ds.StudyDescription = ident.study_description
-    ds.SeriesDescription = "AXIAL CHEST"
-    ds.OperatorsName = ident.operator
-    ds.PatientName = ident.patient_name
-    ds.PatientID = ident.patient_id
-    ds.PatientBirthDate = ident.birth_date
-    ds.PatientSex = ident.sex
-    ds.PatientAge = ident.age
-    ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = f"{spacing_mm:.4g}"
-    ds.KVP = "120"
-    ds.PatientPosition = "HFS"
-    ds.StudyInstanceUID = ident.study_uid
-    ds.SeriesInstanceUID = ident.series_uid
-    ds.StudyID = "1"
-    ds.SeriesNumber = 2
-    ds.InstanceNumber = k + 1
-    pixel = vol.fov_mm / size
-    corner = -vol.fov_mm / 2 + pixel / 2
-    z = -spacing_mm * k
-    ds.ImagePositionPatient = [f"{corner:.6g}", f"{corner:.6g}", f"{z:.6g}"]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.FrameOfReferenceUID = ident.frame_uid
-    ds.SliceLocation = f"{z:.6g}"
-    ds.ImageComments = ident.comment
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = size
-    ds.PixelSpacing = [f"{pixel:.6g}", f"{pixel:.6g}"]
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.BurnedInAnnotation = "NO"
-    ds.WindowCenter = "40"
-    ds.WindowWidth = "400"
-    ds.RescaleIntercept = str(RESCALE_INTERCEPT)
-    ds.RescaleSlope = "1"
-    ds.RescaleType = "HU"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ident.sop_uids[k]
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta.ImplementationVersionName = "MEDSSL_SYNTH"
+    pixel, z = vol.fov_mm / size, -spacing_mm * k
+    corner = f"{-vol.fov_mm / 2 + pixel / 2:.6g}"
+    values = dict(_CONSTANT)
+    values.update({
+        # The canaries: fake identity where real scans keep the real one.
+        "PatientName": ident.patient_name, "PatientID": ident.patient_id,
+        "PatientBirthDate": ident.birth_date, "PatientSex": ident.sex, "PatientAge": ident.age,
+        "StudyDate": ident.study_date, "SeriesDate": ident.study_date,
+        "AcquisitionDate": ident.study_date, "ContentDate": ident.study_date,
+        "StudyTime": ident.study_time, "SeriesTime": ident.study_time,
+        "AcquisitionTime": ident.study_time, "ContentTime": ident.study_time,
+        "AcquisitionDateTime": ident.acquisition_datetime, "AccessionNumber": ident.accession,
+        "InstitutionName": ident.institution, "InstitutionAddress": ident.address,
+        "ReferringPhysicianName": ident.referring, "OperatorsName": ident.operator,
+        "StudyDescription": ident.study_description, "ImageComments": ident.comment,
+        "StudyInstanceUID": ident.study_uid, "SeriesInstanceUID": ident.series_uid,
+        "SOPInstanceUID": ident.sop_uids[k], "FrameOfReferenceUID": ident.frame_uid,
+        # Geometry.
+        "InstanceNumber": k + 1, "SliceThickness": f"{spacing_mm:.4g}",
+        "ImagePositionPatient": [corner, corner, f"{z:.6g}"], "SliceLocation": f"{z:.6g}",
+        "Rows": size, "Columns": size, "PixelSpacing": [f"{pixel:.6g}", f"{pixel:.6g}"],
+    })
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     block.add_new(0x10, "LO", ident.private_name)
     stored = vol.hu[k].astype(np.int32) - RESCALE_INTERCEPT
