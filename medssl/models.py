@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ import timm
 import torch
 
 from medssl.errors import MedsslError
+from medssl.publish import hub_cache_dir, hub_online
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +42,6 @@ __all__ = [
 #: padding, inputs scaled by (x - 127) / 128): ``tf_efficientnet_lite0`` is an exact fit.
 _PACKAGE_ARCHS = ("efficientnet_lite0", "tf_efficientnet_lite0")
 _TF_BN_EPS = 1e-3
-_HUB_HOST = ("huggingface.co", 443)
 
 
 class WeightsUnavailable(MedsslError):
@@ -116,7 +113,7 @@ def _create(
 
 
 def _create_ssl(arch: str, directory: Path, kwargs: dict[str, Any]) -> torch.nn.Module:
-    from medssl.publish import verify_published  # publish imports timm only; no cycle at import
+    from medssl.publish import verify_published
 
     verify_published(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -156,7 +153,7 @@ def imagenet_available(arch: str, imagenet_weights: str | Path | None = None) ->
     hub_id = _hub_id(arch)
     if hub_id is None:
         return False
-    return _hub_cached_file(hub_id) is not None or _hub_online()
+    return _hub_cached_file(hub_id) is not None or hub_online()
 
 
 def backbone_input_cfg(model: torch.nn.Module) -> dict[str, Any]:
@@ -201,7 +198,7 @@ def _imagenet_weights(arch: str, imagenet_weights: str | Path | None) -> _Weight
         cached = _hub_cached_file(hub_id)
         if cached is not None:
             return _Weights(_load_checked(arch, cached), f"Hugging Face cache ({hub_id})")
-        if _hub_online():
+        if hub_online():
             try:
                 path = _hub_download(hub_id)
                 return _Weights(_load_checked(arch, path), f"Hugging Face Hub ({hub_id})")
@@ -284,34 +281,6 @@ def _hub_id(arch: str) -> str | None:
     return getattr(cfg, "hf_hub_id", None) or None
 
 
-def _hub_offline() -> bool:
-    # Read the environment now: huggingface_hub snapshots HF_HUB_OFFLINE at import time.
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_online(timeout_s: float = 3.0) -> bool:
-    """True if the Hub is allowed and reachable within ``timeout_s`` (DNS included)."""
-    if _hub_offline():
-        return False
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection(_HUB_HOST, timeout=timeout_s).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    # getaddrinfo ignores socket timeouts; a daemon thread bounds a hanging DNS lookup too.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s + 0.5)
-    return bool(result and result[0])
-
-
 def _hub_candidates(hub_id: str) -> tuple[str, str | None, list[str]]:
     from timm.models._hub import hf_split
 
@@ -319,23 +288,12 @@ def _hub_candidates(hub_id: str) -> tuple[str, str | None, list[str]]:
     return repo, revision, ["model.safetensors", "pytorch_model.bin"]
 
 
-def _hub_cache_dir() -> str:
-    # Read the environment now, as for HF_HUB_OFFLINE: huggingface_hub fixed it at import.
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.environ["HF_HOME"], "hub")
-    return constants.HF_HUB_CACHE
-
-
 def _hub_cached_file(hub_id: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     repo, revision, names = _hub_candidates(hub_id)
     for name in names:
-        found = try_to_load_from_cache(repo, name, revision=revision, cache_dir=_hub_cache_dir())
+        found = try_to_load_from_cache(repo, name, revision=revision, cache_dir=hub_cache_dir())
         if isinstance(found, str):
             return Path(found)
     return None
@@ -348,7 +306,7 @@ def _hub_download(hub_id: str) -> Path:
     repo, revision, names = _hub_candidates(hub_id)
     for name in names:
         try:
-            return Path(hf_hub_download(repo, name, revision=revision, cache_dir=_hub_cache_dir()))
+            return Path(hf_hub_download(repo, name, revision=revision, cache_dir=hub_cache_dir()))
         except EntryNotFoundError:
             continue
     raise FileNotFoundError(f"{hub_id} has none of {names}")

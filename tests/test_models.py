@@ -156,8 +156,9 @@ def test_local_file_for_another_arch_is_refused(tmp_path):
 def test_local_file_in_efficientnet_pytorch_names(offline):
     from_file = create_backbone("efficientnet_lite0", 3, "imagenet", imagenet_weights=_package_file())
     from_package = create_backbone("efficientnet_lite0", 3, "imagenet")
+    file_state = from_file.state_dict()
     for key, value in from_package.state_dict().items():
-        torch.testing.assert_close(from_file.state_dict()[key], value)
+        torch.testing.assert_close(file_state[key], value)
 
 
 def test_bad_init_and_arch_are_clear_errors():

@@ -1,0 +1,270 @@
+"""The model card (README.md) of a published dir, built with huggingface_hub's ModelCard.
+
+Everything on the card comes from the run's resolved config, the shard folder's index.json
+(counts only) and, optionally, a finetune results.json. It must carry nothing identifying:
+no path (source paths and even shard paths can name patients or sites), no date beyond the
+year the index already reduces to, no free text from a source file. Strings that reach the
+card from data (modality codes, quarantine reasons) are filtered to short code-like tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+_CODE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
+_FORMAT = re.compile(r"^medssl-shards/\d+$")
+
+
+@dataclass
+class CardInfo:
+    """What the card says. ``index`` is the shard folder's parsed index.json (or None)."""
+
+    arch: str
+    in_chans: int
+    image_size: int
+    method: str
+    steps: int
+    train: dict[str, Any]                # batch_size, lr, max_steps ... (numbers only shown)
+    mean: list[float]
+    std: list[float]
+    modality: str | None
+    window: dict[str, float] | None
+    license: str = "other"
+    git_sha: str = "unknown"
+    medssl_version: str = "unknown"
+    index: dict[str, Any] | None = None
+    index_sha256: str | None = None
+    results: dict[str, Any] | None = None
+    repo_id: str | None = None
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+def build_card(info: CardInfo) -> ModelCard:
+    """The ModelCard for ``info``: YAML metadata (licence, library, tags) plus markdown."""
+    tags = ["medical-imaging", "self-supervised", info.method, "timm", "medssl"]
+    if info.modality:
+        tags.append(_code(info.modality).lower())
+    data = ModelCardData(
+        license=info.license,
+        library_name="timm",
+        pipeline_tag="image-feature-extraction",
+        tags=tags,
+    )
+    sections = [
+        f"# {info.arch} · {info.method.upper()} · medssl\n",
+        ("**Not for clinical use.** These weights are a research artifact for building and "
+         "benchmarking models; they have not been validated for diagnosis, triage or any "
+         "decision about a patient.\n"),
+        _description(info),
+        _provenance(info),
+        _deid(),
+        _training(info),
+        _results(info.results),
+        _intended_use(),
+        _limitations(info),
+        _how_to_load(info),
+    ]
+    body = "\n".join(s for s in sections if s)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _description(info: CardInfo) -> str:
+    window = (f"window center {_num(info.window.get('center'))}, width {_num(info.window.get('width'))} "
+              "(modality units)" if info.window else "no window recorded")
+    return (
+        "## Model description\n\n"
+        f"A `{info.arch}` backbone (timm, `num_classes=0`: pooled features only) pretrained with "
+        f"{info.method} on unlabeled {info.modality or 'medical'} images with medssl. It takes "
+        f"{info.in_chans}-channel {info.image_size}×{info.image_size} inputs: "
+        f"{window}, scaled to [0, 1], then normalised with mean {info.mean} and std {info.std} "
+        "(also in `config.json` → `pretrained_cfg`).\n"
+    )
+
+
+def _provenance(info: CardInfo) -> str:
+    index = info.index
+    if not index:
+        return ("## Data provenance\n\nThe shard index of the training data was not available at "
+                "publish time, so its provenance is **not recorded** here.\n")
+    source = (f"Counts from the training shards' `index.json` (shard format "
+              f"`{_format(index.get('format'))}`; written by medssl "
+              f"{_code(index.get('medssl_version', '?'))}; index sha256 `{info.index_sha256 or '?'}`).\n")
+    lines = ["## Data provenance\n", source,
+             "| split | samples | patients |", "|---|---:|---:|"]
+    total_patients = 0
+    for split, counts in sorted((index.get("splits") or {}).items()):
+        counts = counts if isinstance(counts, dict) else {}
+        patients = counts.get("patients")
+        total_patients += int(patients) if isinstance(patients, int) else 0
+        lines.append(f"| {_code(split)} | {_num(counts.get('samples'))} | {_num(patients)} |")
+    lines.append("")
+    lines.append(f"- Patients in all splits: {total_patients} (splits are disjoint by patient).")
+    modalities = index.get("modalities") or {}
+    if modalities:
+        mods = ", ".join(f"{_code(m)} {_num(n)}" for m, n in sorted(modalities.items()))
+        lines.append(f"- Modalities (samples): {mods}.")
+    inputs = index.get("inputs") or {}
+    if inputs:
+        reasons = inputs.get("quarantined_by_reason") or {}
+        why = ", ".join(f"{_code(r)} {_num(n)}" for r, n in sorted(reasons.items()))
+        lines.append(f"- Input files: {_num(inputs.get('seen'))} seen, {_num(inputs.get('written'))} "
+                     f"written, {_num(inputs.get('quarantined'))} quarantined" + (f" ({why})." if why else "."))
+    config = index.get("config") or {}
+    salt = config.get("salt_id")
+    if salt:
+        lines.append(f"- Pseudonym salt id: `{_code(str(salt))}` (a hash of the secret salt, not the salt).")
+    if index.get("created"):
+        lines.append(f"- Shards created: {_code(str(index['created']))[:4]}.")
+    return "\n".join(lines) + "\n"
+
+
+def _deid() -> str:
+    return (
+        "## De-identification\n\n"
+        "- Metadata: an allow-list. Only modality, body part, view, pixel spacing, slice index, "
+        "intensity encoding and default window are kept from each source file (DICOM PS3.15 "
+        "Annex E intent: no names, dates, UIDs, institutions, free text or private tags).\n"
+        "- Identifiers: patient, study and series ids are replaced by salted HMAC pseudonyms; "
+        "the salt never leaves the site that made the shards. Sample keys carry no path or UID.\n"
+        "- Pixels: images flagged `BurnedInAnnotation` and secondary captures are quarantined, "
+        "not written. PNG/NIfTI text fields are dropped.\n"
+        "- **Not covered:** text burned into pixels of images not flagged as such (e.g. some "
+        "ultrasound or scanned film), and faces: head CT/MR can be rendered into a recognisable "
+        "face and need defacing before pretraining, which medssl does not do.\n"
+    )
+
+
+def _training(info: CardInfo) -> str:
+    rows = [("method", info.method), ("architecture", info.arch), ("input channels", info.in_chans),
+            ("input size (px)", info.image_size), ("optimizer steps", info.steps)]
+    for key in ("max_steps", "batch_size", "lr", "weight_decay", "warmup_steps", "precision"):
+        if key in info.train and isinstance(info.train[key], (int, float, str)):
+            rows.append((f"train.{key}", info.train[key]))
+    rows.append(("medssl git sha", info.git_sha))
+    table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
+    return f"## Training\n\n| setting | value |\n|---|---|\n{table}\n"
+
+
+def _results(results: dict[str, Any] | None) -> str:
+    if not results:
+        return ""
+    aggregates = results.get("aggregates") if isinstance(results, dict) else None
+    if not aggregates:
+        aggregates = _aggregate_rows(results.get("rows") if isinstance(results, dict) else results)
+    if not aggregates:
+        return "## Benchmark results\n\nThe results file held no rows.\n"
+    lines = ["## Benchmark results\n",
+             "Downstream results from `medssl finetune` (mean over seeds; 95% CI in brackets).\n",
+             "| task | init | protocol | label fraction | AUC | ACC | seeds |",
+             "|---|---|---|---:|---|---|---:|"]
+    for agg in aggregates:
+        if not isinstance(agg, dict):
+            continue
+        lines.append(
+            f"| {_cell(agg.get('task'))} | {_cell(agg.get('init'))} | {_cell(agg.get('protocol'))} | "
+            f"{_num(agg.get('fraction'))} | {_metric(agg, 'auc')} | {_metric(agg, 'acc')} | "
+            f"{_num(agg.get('n_seeds'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _aggregate_rows(rows: Any) -> list[dict[str, Any]]:
+    """Mean per (task, init, protocol, fraction) when a results file has rows but no aggregates."""
+    if not isinstance(rows, list):
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            key = tuple(row.get(k) for k in ("task", "init", "protocol", "fraction"))
+            groups.setdefault(key, []).append(row)
+    out = []
+    for (task, init, protocol, fraction), members in groups.items():
+        agg: dict[str, Any] = {"task": task, "init": init, "protocol": protocol,
+                               "fraction": fraction, "n_seeds": len(members)}
+        for metric in ("auc", "acc"):
+            values = [r[metric] for r in members if isinstance(r.get(metric), (int, float))]
+            agg[f"{metric}_mean"] = sum(values) / len(values) if values else None
+        out.append(agg)
+    return out
+
+
+def _intended_use() -> str:
+    return (
+        "## Intended use\n\n"
+        "Initialisation for fine-tuning or linear probing on medical-imaging research tasks, "
+        "and comparison against ImageNet and random initialisation. Evaluate on your own "
+        "held-out, patient-disjoint data before drawing conclusions.\n"
+    )
+
+
+def _limitations(info: CardInfo) -> str:
+    return (
+        "## Limitations\n\n"
+        f"- Trained on the data summarised above only ({info.modality or 'unspecified modality'}); "
+        "other scanners, sites, populations and modalities may behave differently.\n"
+        "- Self-supervised features encode what the augmentations leave invariant; small "
+        "findings can be lost to crops and blur. MAE weights are best judged by fine-tuning.\n"
+        "- Benchmark numbers, if shown, come from the listed tasks and seeds and carry the "
+        "stated uncertainty; they are not a clinical performance claim.\n"
+        "- **Not for clinical use.**\n"
+    )
+
+
+def _how_to_load(info: CardInfo) -> str:
+    extra = "".join(f", {k}={v!r}" for k, v in sorted(info.model_args.items())
+                    if k not in ("in_chans", "num_classes", "global_pool"))
+    snippet = (
+        "import timm\n\n"
+        "model = timm.create_model(\n"
+        f"    {info.arch!r}, pretrained=True, num_classes=0, in_chans={info.in_chans}{extra},\n"
+        "    pretrained_cfg_overlay=dict(file=\"model.safetensors\"),  # path to this folder's file\n"
+        ")\n"
+        "model.eval()  # features: model(x) -> [B, model.num_features]\n"
+    )
+    text = ("## How to load\n\nWith plain timm; check `SHA256SUMS` first "
+            "(`sha256sum -c SHA256SUMS`).\n\n```python\n" + snippet + "```\n")
+    if info.repo_id:
+        text += ("\nFrom the Hub:\n\n```python\nimport timm\n\n"
+                 f"model = timm.create_model(\"hf-hub:{info.repo_id}\", pretrained=True)\n```\n")
+    return text
+
+
+def _metric(agg: dict[str, Any], name: str) -> str:
+    mean = agg.get(f"{name}_mean", agg.get(name))
+    if not isinstance(mean, (int, float)):
+        return "–"
+    ci = agg.get(f"{name}_ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{mean:.3f}"
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "–"
+
+
+def _code(value: Any) -> str:
+    """A data-derived token, or '?' when it does not look like a short code."""
+    text = str(value)
+    return text if _CODE.match(text) else "?"
+
+
+def _format(value: Any) -> str:
+    return str(value) if _FORMAT.match(str(value)) else "?"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _num(value)
+    text = str(value) if value is not None else "–"
+    return text.replace("|", "/").replace("\n", " ")[:80]

@@ -1,0 +1,299 @@
+"""``medssl publish``: plain timm loads what it writes, bit for bit, and the card tells the
+provenance without leaking a path; tampering and impossible pushes fail with one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from medssl.errors import MedsslError
+from medssl.models import create_backbone
+from medssl.publish import publish_command, verify_published
+
+INDEX = {
+    "format": "medssl-shards/1",
+    "medssl_version": "0.1.0",
+    "created": "2026",
+    "shards": {"train-000000.tar": {"split": "train", "samples": 812, "sha256": "0" * 64}},
+    "splits": {"train": {"samples": 812, "patients": 19}, "val": {"samples": 97, "patients": 3},
+               "test": {"samples": 101, "patients": 2}},
+    "inputs": {"seen": 210, "written": 200, "quarantined": 10,
+               "quarantined_by_reason": {"unreadable": 3, "burned_in_annotation": 7}},
+    "labels": None,
+    "config": {"splits": {"train": 0.8}, "max_side": 512, "shard_size": 1000, "axis": "axial",
+               "recipe": None, "salt_id": "5a1t1d0123"},
+    "modalities": {"CT": 1010},
+}
+RESULTS = {
+    "rows": [{"task": "pneumoniamnist", "init": "ssl", "protocol": "linear", "fraction": 1.0,
+              "seed": 0, "auc": 0.91, "acc": 0.85}],
+    "aggregates": [
+        {"task": "pneumoniamnist", "init": "ssl", "protocol": "linear", "fraction": 1.0,
+         "auc_mean": 0.9123, "auc_ci": [0.9011, 0.9234], "acc_mean": 0.8512,
+         "acc_ci": [0.84, 0.86], "n_seeds": 3},
+        {"task": "pneumoniamnist", "init": "imagenet", "protocol": "linear", "fraction": 0.1,
+         "auc_mean": 0.8766, "n_seeds": 1},   # no CI: rendered without one
+    ],
+}
+
+
+class TinySSL(torch.nn.Module):
+    """What a pretrain method looks like from outside: a ``backbone`` plus a head."""
+
+    def __init__(self, arch: str, in_chans: int, **kwargs):
+        super().__init__()
+        self.backbone = timm.create_model(arch, num_classes=0, in_chans=in_chans, **kwargs)
+        self.projection = torch.nn.Sequential(torch.nn.Linear(self.backbone.num_features, 16),
+                                              torch.nn.ReLU(), torch.nn.Linear(16, 8))
+
+
+def make_run(root: Path, arch: str = "resnet18", in_chans: int = 1, size: int = 32,
+             shards_spec: str | None = None, **model_kwargs) -> tuple[Path, TinySSL]:
+    """A run dir as medssl pretrain leaves it (docs/internals.md), plus its shard folder."""
+    shards = root / "shards"
+    shards.mkdir(parents=True)
+    (shards / "index.json").write_text(json.dumps(INDEX))
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    method = TinySSL(arch, in_chans, **model_kwargs)
+    method.train()
+    with torch.no_grad():   # move BN running stats off their init so they are checked too
+        for _ in range(2):
+            method.backbone(torch.randn(4, in_chans, size, size))
+    config = {
+        "output_dir": str(run), "seed": 0,
+        "data": {"shards": shards_spec or str(shards), "num_workers": 0},
+        "model": {"arch": arch, "in_chans": in_chans, **model_kwargs},
+        "method": {"name": "simclr", "temperature": 0.1},
+        "train": {"max_steps": 10, "batch_size": 8, "lr": 0.3, "checkpoint_every": 5},
+        "augment": {"size": size},
+        "logging": {"wandb": "disabled"},
+        "intensity": {"window": {"center": 40, "width": 400}, "mean": 0.5, "std": 0.25},
+        "git_sha": "abc123def",
+        "something_new": {"pretrain": "may add keys"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    older = {k: torch.zeros_like(v) for k, v in method.state_dict().items()}
+    for step, state in ((5, older), (10, method.state_dict())):
+        torch.save({"format": "medssl-ckpt/1", "step": step, "model": state,
+                    "backbone_prefix": "backbone.", "optimizer": {}, "scheduler": {},
+                    "scaler": None, "rng": {"torch": torch.get_rng_state()}, "data": {"seen": step},
+                    "wandb_id": None, "config": config}, run / "checkpoints" / f"step_{step:08d}.pt")
+    (run / "checkpoints" / "latest.txt").write_text("step_00000010.pt\n")
+    method.eval()
+    return run, method
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pub")
+    run, method = make_run(root)
+    results = root / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    out = root / "published"
+    assert publish_command(run, out, results=results) == 0
+    return root, run, out, method
+
+
+def test_plain_timm_loads_it_with_the_same_features(published):
+    _, _, out, method = published
+    state = load_file(str(out / "model.safetensors"))
+    fresh = timm.create_model("resnet18", num_classes=0, in_chans=1)
+    fresh.load_state_dict(state, strict=True)         # no missing, no unexpected keys
+    model = timm.create_model("resnet18", pretrained=True, in_chans=1, num_classes=0,
+                              pretrained_cfg_overlay={"file": str(out / "model.safetensors")}).eval()
+    trained = method.backbone.state_dict()
+    assert set(model.state_dict()) == set(trained)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), method.backbone(x))
+
+
+def test_ssl_init_route_gives_the_same_features(published):
+    _, _, out, method = published
+    model = create_backbone("resnet18", 1, f"ssl:{out}").eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), method.backbone(x))
+    assert tuple(model.pretrained_cfg["mean"]) == (0.5,)
+    # 3-channel use of 1-channel weights: timm repeats the kernel, scaled by 1/3.
+    rgb = create_backbone("resnet18", 3, f"ssl:{out}")
+    torch.testing.assert_close(rgb.conv1.weight.sum(1, keepdim=True), model.conv1.weight)
+    with pytest.raises(MedsslError, match="resnet18"):
+        create_backbone("resnet34", 1, f"ssl:{out}")
+
+
+def test_config_json_is_timm_hub_layout(published):
+    _, _, out, _ = published
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "resnet18"
+    assert config["num_classes"] == 0 and config["num_features"] == 512
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 32, 32] and cfg["in_chans"] == 1
+    assert cfg["mean"] == [0.5] and cfg["std"] == [0.25]
+    assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 1.0
+    assert cfg["modality"] == "CT" and cfg["window"] == {"center": 40, "width": 400}
+    assert "hf_hub_id" not in cfg and cfg["license"] == "other"
+    raw = (published[0] / "shards" / "index.json").read_bytes()
+    assert config["medssl"] == {"method": "simclr", "steps": 10, "git_sha": "abc123def",
+                                "source_index_sha256": hashlib.sha256(raw).hexdigest(),
+                                "medssl_version": "0.1.0"}
+    # timm's own hub-config parser accepts it.
+    from timm.models._hub import load_model_config_from_path
+    _, name, model_args = load_model_config_from_path(out)
+    assert name == "resnet18" and model_args["in_chans"] == 1
+
+
+def test_card_has_provenance_and_no_paths(published):
+    root, run, out, _ = published
+    text = (out / "README.md").read_text()
+    assert "**Not for clinical use.**" in text
+    for needle in ("| train | 812 | 19 |", "| val | 97 | 3 |", "| test | 101 | 2 |",
+                   "Patients in all splits: 24", "CT 1010", "`medssl-shards/1`", "burned_in_annotation 7",
+                   "5a1t1d0123", "pneumoniamnist", "0.912 [0.901, 0.923]", "0.877",
+                   "defacing", "HMAC", "import timm", "pretrained_cfg_overlay"):
+        assert needle in text, needle
+    for secret in (str(root), str(run), "/shards", "/run", "/tmp", "pub0"):
+        assert secret not in text, secret
+    for name in ("config.json", "SHA256SUMS"):
+        assert str(root) not in (out / name).read_text()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "timm" and card.data.license == "other"
+    assert "medical-imaging" in card.data.tags
+
+
+def test_sha256sums_match(published):
+    _, _, out, _ = published
+    lines = (out / "SHA256SUMS").read_text().splitlines()
+    listed = dict(reversed(line.split("  ")) for line in lines)
+    assert set(listed) == {"model.safetensors", "config.json", "README.md"}
+    for name, digest in listed.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, check=False)
+    assert check.returncode == 0
+    verify_published(out)
+
+
+def test_one_flipped_byte_is_refused(published, tmp_path):
+    import shutil
+
+    _, _, out, _ = published
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(MedsslError, match=r"model\.safetensors.*sha256"):
+        create_backbone("resnet18", 1, f"ssl:{copy}")
+    (copy / "SHA256SUMS").unlink()
+    with pytest.raises(MedsslError, match="SHA256SUMS"):
+        verify_published(copy)
+
+
+def test_republish_replaces_only_a_previous_publish(published, tmp_path):
+    _, run, out, _ = published
+    assert publish_command(run, out) == 0            # same dir again: allowed
+    verify_published(out)
+    assert "Benchmark results" not in (out / "README.md").read_text()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(MedsslError, match="notes.txt"):
+        publish_command(run, other)
+    assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
+
+
+def test_missing_checkpoint_or_config_is_a_clear_error(tmp_path):
+    run, _ = make_run(tmp_path, arch="test_resnet")
+    (run / "checkpoints" / "latest.txt").unlink()
+    with pytest.raises(MedsslError, match="latest.txt"):
+        publish_command(run, tmp_path / "out")
+    (run / "config.yaml").unlink()
+    with pytest.raises(MedsslError, match="config.yaml"):
+        publish_command(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_push_without_token_fails_fast_before_any_work(published, no_token, tmp_path):
+    _, run, _, _ = published
+    start = time.monotonic()
+    with pytest.raises(MedsslError, match="no Hugging Face token") as info:
+        publish_command(run, tmp_path / "out", push_to_hub="someone/medssl-test")
+    assert time.monotonic() - start < 5
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_offline_fails_fast(published, no_token, monkeypatch, tmp_path):
+    _, run, _, _ = published
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MedsslError, match="HF_HUB_OFFLINE"):
+        publish_command(run, tmp_path / "out", push_to_hub="someone/medssl-test")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("medssl.publish.hub_online", lambda timeout_s=3.0: False)
+    with pytest.raises(MedsslError, match="not reachable"):
+        publish_command(run, tmp_path / "out", push_to_hub="someone/medssl-test")
+
+
+def test_cli_push_without_token_is_one_line_exit_2(published, tmp_path):
+    _, run, _, _ = published
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "medssl", "publish", str(run), "--out",
+                           str(tmp_path / "o"), "--push-to-hub", "someone/x"],
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "token" in proc.stderr
+
+
+def test_cli_missing_run_dir_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "medssl", "publish", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run dir not found" in lines[0]
+
+
+def test_vit_with_img_size_and_brace_pattern(tmp_path):
+    run, method = make_run(tmp_path, arch="test_vit", in_chans=1, size=32, img_size=32,
+                           shards_spec=str(tmp_path / "shards" / "train-{000000..000003}.tar"))
+    out = tmp_path / "out"
+    publish_command(run, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_args"]["img_size"] == 32
+    assert config["medssl"]["source_index_sha256"] is not None      # index found via the pattern
+    assert "img_size=32" in (out / "README.md").read_text()
+    model = create_backbone("test_vit", 1, f"ssl:{out}").eval()
+    plain = timm.create_model("test_vit", pretrained=True, in_chans=1, num_classes=0, img_size=32,
+                              pretrained_cfg_overlay={"file": str(out / "model.safetensors")}).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), method.backbone(x))
+        assert torch.equal(plain(x), method.backbone(x))
