@@ -81,8 +81,10 @@ class LabelSpec:
             self.names = self.names or ["negative", "positive"]
             if len(self.names) != 2:
                 raise ConfigError(f"labels.names: binary labels need 2 class names, got {self.names}")
-        if self.type == "multiclass" and self.names and len(self.names) < 2:
-            raise ConfigError("labels.names: a multiclass label needs at least 2 class names")
+        if self.type == "multiclass" and len(self.names) < 2:
+            # index.json carries them: fine-tuning sizes its head from the list.
+            raise ConfigError("labels.names: list the class names, in class-value order "
+                              "(at least 2), e.g. [none, nodule]")
         if len(set(self.names)) != len(self.names):
             raise ConfigError(f"labels.names: duplicate names in {self.names}")
 
@@ -289,7 +291,7 @@ def _read_table(recipe: Recipe, path: Path):
         if recipe.format == "parquet":
             return pd.read_parquet(path)
         # Strings throughout: blanks stay blanks and '1.0' vs '1' is ours to judge.
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, ValueError, ImportError) as exc:  # parser and arrow errors are ValueErrors
         raise MedsslError(f"{path}: cannot read as {recipe.format} ({exc})") from None
 
@@ -427,9 +429,8 @@ def _label(spec: LabelSpec, rows: _Rows, i: int, col: dict[str, list]) -> tuple[
                 return None, "uncertain_label"
             value = int(spec.uncertain == "one")
         if spec.type == "multiclass":
-            limit = len(spec.names) if spec.names else None
-            if value < 0 or (limit is not None and value >= limit):
-                raise rows.error(i, column, f"class {value} is outside 0..{(limit or 1) - 1} "
+            if not 0 <= value < len(spec.names):
+                raise rows.error(i, column, f"class {value} is outside 0..{len(spec.names) - 1} "
                                  f"({len(spec.names)} labels.names)")
         elif value not in (0, 1):
             raise rows.error(i, column, f"{spec.type} label must be 0, 1 or -1, got {value}")

@@ -271,11 +271,20 @@ def test_a_repeated_image_is_an_error(corpus, tmp_path):
         load_recipe(RECIPES / "demo.yaml").manifest_entries([tmp_path], check_files=False)
 
 
+def test_csv_saved_by_excel_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "m.csv").write_text("\ufeffimg,pid,y\nx.png,7,1\n", encoding="utf-8")
+    recipe = load_recipe(_write_recipe(tmp_path, {
+        "name": "bom", "manifest": "m.csv", "image_column": "img", "patient_column": "pid",
+        "labels": {"type": "multiclass", "columns": ["y"], "names": ["a", "b"]}}))
+    [entry] = recipe.manifest_entries([tmp_path])
+    assert (entry.path.name, entry.patient_id, entry.label, entry.quarantine) == ("x.png", "7", 1, "missing_file")
+
+
 def test_unmapped_split_value_is_an_error(tmp_path):
     (tmp_path / "m.csv").write_text("img,pid,fold,y\nx.png,1,holdout,0\n")
     recipe = load_recipe(_write_recipe(tmp_path, {
         "name": "s", "manifest": "m.csv", "image_column": "img", "patient_column": "pid",
-        "split_column": "fold", "labels": {"type": "multiclass", "columns": ["y"]}}))
+        "split_column": "fold", "labels": {"type": "multiclass", "columns": ["y"], "names": ["a", "b"]}}))
     with pytest.raises(MedsslError, match="'holdout' is not mapped; add it to split_values"):
         recipe.manifest_entries([tmp_path])
 
@@ -289,6 +298,7 @@ def test_unlabeled_recipe_has_no_manifest_entries(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     ({"colour": "red"}, "unknown key 'colour'"),
+    ({"labels": {"type": "multiclass", "columns": ["a"]}}, "labels.names: list the class names"),
     ({"labels": {"type": "multiclass", "columns": ["a", "b"]}}, "exactly one column"),
     ({"labels": {"type": "ordinal", "columns": ["a"]}}, "labels.type must be one of"),
     ({"labels": {"type": "multilabel", "columns": ["a", "b"], "names": ["x"]}}, "1 names for 2"),
@@ -310,7 +320,8 @@ def test_unlabeled_recipe_has_no_manifest_entries(tmp_path):
 ])
 def test_bad_recipes_name_the_file_and_key(tmp_path, change, match):
     tree = {"name": "bad", "manifest": "labels.csv", "image_column": "path",
-            "patient_column": "patient_id", "labels": {"type": "multiclass", "columns": ["finding"]}}
+            "patient_column": "patient_id",
+            "labels": {"type": "multiclass", "columns": ["finding"], "names": ["a", "b"]}}
     tree.update(change)
     path = _write_recipe(tmp_path, tree, "bad.yaml")
     with pytest.raises(ConfigError, match=match) as info:
