@@ -318,10 +318,19 @@ def _read_split_lists(recipe: Recipe, folder: Path) -> dict[str, str]:
         if not path.is_file():
             raise MedsslError(f"{recipe.source}: split_lists.{split}: {path} not found "
                               "(relative to the manifest's folder)")
-        for name in path.read_text().split():
-            if found.setdefault(name, split) != split:
-                raise MedsslError(f"{path}: {name!r} is also in the {found[name]} list")
+        for line, name in enumerate(path.read_text().splitlines(), start=1):
+            name = name.strip()
+            if name and found.setdefault(name, split) != split:
+                # The name is not quoted: file names can hold patient names.
+                raise MedsslError(f"{path}: line {line} names an image that is also in the "
+                                  f"{found[name]} list; an image belongs to one split")
     return found
+
+
+def _short(value: Any) -> str:
+    """A cell value quoted for an error message, cut short: cells are not meant to hold text."""
+    text = str(value)
+    return repr(text if len(text) <= 24 else text[:21] + "...")
 
 
 def _as_id(value: Any) -> str:
@@ -361,7 +370,8 @@ def _read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
             match = pattern.search(Path(raw).as_posix())
             if not match:
                 raise rows.error(i, recipe.image_column,
-                                 f"patient_pattern {recipe.patient_pattern!r} does not match {raw!r}")
+                                 f"patient_pattern {recipe.patient_pattern!r} does not match "
+                                 "the path (not quoted: paths can hold names)")
             patient = match.group(1)
         row_split = split
         if recipe.split_column:
@@ -371,7 +381,8 @@ def _read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
                 row_split = to_split.get(value, value if value in SPLITS else None)
                 if row_split is None:
                     raise rows.error(i, recipe.split_column,
-                                     f"split value {value!r} is not mapped; add it to split_values")
+                                     f"split value {_short(value)} is not mapped; add it to "
+                                     "split_values")
         elif lists is not None:
             row_split = lists.get(Path(raw).name, lists.get(raw))
         slice_index = None
@@ -397,9 +408,9 @@ def _whole(rows: _Rows, i: int, column: str, value: Any) -> int | None:
     try:
         number = float(str(value).strip())
     except ValueError:
-        raise rows.error(i, column, f"{value!r} is not a number") from None
+        raise rows.error(i, column, f"{_short(value)} is not a number") from None
     if not number.is_integer():
-        raise rows.error(i, column, f"{value!r} is not a whole number")
+        raise rows.error(i, column, f"{_short(value)} is not a whole number")
     return int(number)
 
 
@@ -415,7 +426,8 @@ def _label(spec: LabelSpec, rows: _Rows, i: int, col: dict[str, list]) -> tuple[
         unknown = sorted(tokens - set(spec.names) - set(spec.none_values))
         if unknown:
             raise rows.error(i, spec.source_column,
-                             f"label {unknown[0]!r} is not in labels.names or labels.none_values")
+                             f"label {_short(unknown[0])} is not in labels.names or "
+                             "labels.none_values")
         return [int(n in tokens) for n in spec.names], None
     values = []
     for column in spec.columns:

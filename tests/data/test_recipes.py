@@ -234,7 +234,7 @@ def test_nih_unknown_finding_names_the_row(tmp_path):
 def test_nih_image_in_two_split_lists_is_an_error(tmp_path):
     root = _nih(tmp_path)
     (root / "test_list.txt").write_text("00000003_000.png\n00000001_000.png\n")
-    with pytest.raises(MedsslError, match="00000001_000.png' is also in the train list"):
+    with pytest.raises(MedsslError, match="test_list.txt: line 2 names an image that is also in the train"):
         load_recipe(RECIPES / "nih_chestxray14.yaml").manifest_entries([root])
 
 
@@ -327,6 +327,13 @@ def test_bad_recipes_name_the_file_and_key(tmp_path, change, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_recipe(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_errors_do_not_quote_image_paths(tmp_path, corpus):
+    variant = _variant(tmp_path, "demo.yaml", patient_column=None, patient_pattern="MRN(\\d+)")
+    with pytest.raises(MedsslError, match="row 0 .*does not match the path") as info:
+        load_recipe(variant).manifest_entries([corpus])
+    assert "PAT-" not in str(info.value)  # the folder holds the (fake) patient name
 
 
 def test_manifest_problems_name_the_file_and_column(tmp_path, corpus):
