@@ -18,9 +18,11 @@ dimension is sliced, because separate volumes are usually separate contrasts; th
 index is the position along the cut axis, and the volume number is in ``Slice.source``.
 Volumes with more dimensions are quarantined (``unsupported_dimensions``).
 
-Identity: NIfTI has no patient identifier, so ``patient_id`` is the file name without
-``.nii``/``.nii.gz``. Keep one file per patient (or one folder per patient and a recipe
-that names the patient) so that the patient-level split means something. Nothing from the
+Identity: NIfTI has no patient identifier. ``patient_id`` is the BIDS subject folder
+(``sub-<label>``) when the file sits under one, so a subject's T1, T2 and DWI stay one
+patient; otherwise the file name without ``.nii``/``.nii.gz``. Outside BIDS, keep one file
+per patient or use a recipe that names the patient, or the patient-level split means
+nothing. Nothing from the
 header's free-text fields (``descrip``, ``aux_file``, ``db_name``, ``intent_name``) or its
 extensions is ever copied: the Slice is built from the voxel array and the affine only.
 """
@@ -28,6 +30,7 @@ extensions is ever copied: the Slice is built from the voxel array and the affin
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +42,15 @@ from medssl.data.sample import Slice
 
 #: Which RAS array axis each anatomical plane is cut along.
 AXIS_INDEX = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def _patient(path: Path) -> str:
+    # BIDS names every file after its subject (sub-07/anat/sub-07_T1w.nii.gz); requiring both
+    # the folder and the file prefix keeps an unrelated "sub-projects" folder from matching.
+    for folder in list(path.parents)[:3]:
+        if re.fullmatch(r"sub-[A-Za-z0-9]+", folder.name) and path.name.startswith(folder.name + "_"):
+            return folder.name
+    return _stem(path)
 
 
 def _stem(path: Path) -> str:
@@ -106,7 +118,7 @@ def read_nifti(path: Path, *, axis: str = "axial") -> Iterator[Slice]:
     # After the transpose rows run along the second in-plane axis, columns along the first.
     row_mm, col_mm = float(spacing[in_plane[1]]), float(spacing[in_plane[0]])
     pixel_spacing = (row_mm, col_mm) if row_mm > 0 and col_mm > 0 else None
-    patient = _stem(path)
+    patient = _patient(path)
     n_vol = volumes.shape[0]
     for t in range(n_vol):
         volume = volumes[t]

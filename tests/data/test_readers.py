@@ -88,6 +88,58 @@ def test_monochrome1_inverted_in_modality_units(tmp_path):
     assert s.window == (-2049 - 40, 400)
 
 
+def test_bits_stored_and_signedness_respected(tmp_path):
+    ds = _ref("MR_small.dcm")
+    arr = ds.pixel_array.astype(np.int32)
+    # 12-bit signed values with junk in the 4 unused high bits of each 16-bit word
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.PixelData = (((arr & 0x0FFF) | 0xA000).astype(np.uint16)).tobytes()
+    ds.save_as(tmp_path / "mr12.dcm")
+    expected = ((arr & 0x0FFF) ^ 0x800) - 0x800  # sign-extended 12-bit
+    np.testing.assert_array_equal(_one(tmp_path / "mr12.dcm").pixels, expected)
+    # unsigned 8-bit with a fractional rescale -> float32 in modality units
+    ds = _ref("MR_small.dcm")
+    small = (arr[:8, :8] % 256).astype(np.uint8)
+    ds.set_pixel_data(small, "MONOCHROME2", 8)
+    ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-10"
+    ds.save_as(tmp_path / "u8.dcm")
+    s = _one(tmp_path / "u8.dcm")
+    assert s.pixels.dtype == np.float32
+    np.testing.assert_allclose(s.pixels, small * 0.5 - 10)
+
+
+def test_enhanced_multiframe_functional_groups(tmp_path):
+    from pydicom.dataset import Dataset
+
+    ds = _ref("MR_small.dcm")
+    frames = np.stack([ds.pixel_array[:16, :16] + 100 * i for i in range(3)]).astype(np.int16)
+    ds.set_pixel_data(frames, "MONOCHROME2", 16)
+    for key in ("PixelSpacing", "WindowCenter", "WindowWidth", "InstanceNumber"):
+        if key in ds:
+            delattr(ds, key)
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [Dataset()]
+    shared.PixelMeasuresSequence[0].PixelSpacing = [0.7, 0.8]
+    shared.PixelValueTransformationSequence = [Dataset()]
+    shared.PixelValueTransformationSequence[0].RescaleSlope = 2
+    shared.PixelValueTransformationSequence[0].RescaleIntercept = -100
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for i in range(3):
+        item = Dataset()
+        item.FrameVOILUTSequence = [Dataset()]
+        item.FrameVOILUTSequence[0].WindowCenter = 50 + i
+        item.FrameVOILUTSequence[0].WindowWidth = 300
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.save_as(tmp_path / "enhanced.dcm")
+    slices = list(read_slices(tmp_path / "enhanced.dcm"))
+    assert [s.slice_index for s in slices] == [0, 1, 2]
+    for i, s in enumerate(slices):
+        np.testing.assert_array_equal(s.pixels, frames[i].astype(np.int64) * 2 - 100)
+        assert s.pixel_spacing == pytest.approx((0.7, 0.8)) and s.window == (50 + i, 300)
+
+
 def test_multiframe_yields_each_frame_lazily():
     ds = _ref("examples_ybr_color.dcm")
     reference = ds.pixel_array  # pydicom converts YBR_FULL_422 -> RGB by default
@@ -305,6 +357,16 @@ def test_nifti_scaling_applied(tmp_path):
     nib.save(img, tmp_path / "scaled.nii")
     slices = list(read_slices(tmp_path / "scaled.nii", axis="axial"))
     np.testing.assert_allclose(slices[1].pixels, _display(raw[:, :, 1] * 2.0 - 10.0))
+
+
+def test_nifti_patient_is_bids_subject_else_stem(tmp_path):
+    vol = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4))
+    bids = tmp_path / "sub-07" / "ses-1" / "anat" / "sub-07_ses-1_T1w.nii.gz"
+    bids.parent.mkdir(parents=True)
+    nib.save(vol, bids)
+    nib.save(vol, tmp_path / "case12.nii")
+    assert {s.patient_id for s in read_slices(bids)} == {"sub-07"}
+    assert {s.patient_id for s in read_slices(tmp_path / "case12.nii")} == {"case12"}
 
 
 def test_broken_nifti_quarantined(tmp_path):
