@@ -141,7 +141,8 @@ def _deid() -> str:
 def _training(info: CardInfo) -> str:
     rows = [("method", info.method), ("architecture", info.arch), ("input channels", info.in_chans),
             ("input size (px)", info.image_size), ("optimizer steps", info.steps)]
-    for key in ("max_steps", "batch_size", "lr", "weight_decay", "warmup_steps", "precision"):
+    for key in ("max_steps", "batch_size", "lr", "peak_lr", "optimizer", "weight_decay",
+                "warmup_steps", "precision"):
         if key in info.train and isinstance(info.train[key], (int, float, str)):
             rows.append((f"train.{key}", info.train[key]))
     rows.append(("medssl git sha", info.git_sha))
@@ -264,7 +265,12 @@ def _format(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
+    """A table cell; a path-like value (e.g. init ``ssl:/data/run/published``) keeps only its
+    last component, so no folder name reaches the card."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return _num(value)
     text = str(value) if value is not None else "–"
+    if "/" in text or "\\" in text:
+        prefix = text.split(":", 1)[0] + ":" if re.match(r"^[a-z]+:", text) else ""
+        text = prefix + re.split(r"[/\\]", text.rstrip("/\\"))[-1]
     return text.replace("|", "/").replace("\n", " ")[:80]

@@ -40,13 +40,19 @@ SUMS = "SHA256SUMS"
 PUBLISHED_FILES = (WEIGHTS, CONFIG, CARD, SUMS)
 _HUB_HOST = ("huggingface.co", 443)
 
-# Config keys a pretraining run may use for the input side; first one found wins.
-_SIZE_KEYS = ("model.img_size", "data.image_size", "data.img_size", "data.size", "data.crop_size",
-              "augment.size", "augment.crop_size", "augment.image_size", "aug.size", "aug.crop_size")
+# Config keys a pretraining run may use; first one found wins. pretrain/ writes the first of
+# each (augment.crop_size, normalization.*, data_intensity.*); the others keep publish lenient.
+_SIZE_KEYS = ("model.kwargs.img_size", "model.img_size", "augment.crop_size", "augment.size",
+              "data.image_size", "data.img_size", "data.crop_size")
+_MEAN_KEYS = ("normalization.mean", "intensity.mean", "augment.mean")
+_STD_KEYS = ("normalization.std", "intensity.std", "augment.std")
+_WINDOW_KEYS = ("data_intensity.window", "intensity.window")
+_MODALITY_KEYS = ("data_intensity.modality", "intensity.modality")
 _LR_KEYS = ("train.lr", "train.learning_rate", "optim.lr", "optimizer.lr")
 _LICENSE_KEYS = ("license", "publish.license", "model.license")
-# timm.create_model kwargs that change the weights' shapes and so must travel with them.
+# timm.create_model kwargs outside model.kwargs that change the weights' shapes.
 _TIMM_ARGS = ("img_size", "patch_size", "global_pool")
+_DEFAULT_INTENSITY = "window then scale to [0,1], then (x - mean) / std"
 
 
 def publish_command(
@@ -72,11 +78,16 @@ def publish_command(
     if not isinstance(arch, str) or not timm.is_model(arch):
         raise MedsslError(f"{run_dir / 'config.yaml'}: model.arch {arch!r} is not a timm model name")
     in_chans = int(model_cfg.get("in_chans", 3))
-    timm_args = {k: model_cfg[k] for k in _TIMM_ARGS if model_cfg.get(k) is not None}
+    timm_args = _timm_args(model_cfg)
 
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **timm_args)
     state = _backbone_state(ckpt, ckpt_path)
-    result = backbone.load_state_dict(state, strict=False)
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:   # shape mismatch: e.g. in_chans or kwargs differ from the run
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise MedsslError(f"{ckpt_path}: backbone weights do not fit {arch} (in_chans={in_chans}, "
+                          f"{timm_args or 'no kwargs'}): {first}") from None
     if result.missing_keys or result.unexpected_keys:
         bad = result.missing_keys[:3] or result.unexpected_keys[:3]
         raise MedsslError(
@@ -85,15 +96,19 @@ def publish_command(
         )
 
     index, index_sha = _read_shard_index(config, run_dir)
-    intensity = config.get("intensity") if isinstance(config.get("intensity"), dict) else {}
-    if not intensity:
-        log.warning("%s: no 'intensity' section; the card and config.json cannot state the "
-                    "input normalisation, so mean/std default to 0.5/0.5", run_dir / "config.yaml")
-    size = int(_first(config, _SIZE_KEYS) or 224)
-    mean = _per_channel(intensity.get("mean", 0.5), in_chans, "intensity.mean")
-    std = _per_channel(intensity.get("std", 0.5), in_chans, "intensity.std")
-    window = intensity.get("window") if isinstance(intensity.get("window"), dict) else None
-    modality = intensity.get("modality") or _main_modality(index)
+    mean, std = _first(config, _MEAN_KEYS), _first(config, _STD_KEYS)
+    if mean is None or std is None:
+        log.warning("%s: no normalisation mean/std recorded; config.json and the card say 0.5/0.5",
+                    run_dir / "config.yaml")
+    mean = _per_channel(0.5 if mean is None else mean, in_chans, "normalization.mean")
+    std = _per_channel(0.5 if std is None else std, in_chans, "normalization.std")
+    size = _first(config, _SIZE_KEYS) or 224
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    window = _first(config, _WINDOW_KEYS)
+    window = window if isinstance(window, dict) else None
+    modality = _first(config, _MODALITY_KEYS) or _main_modality(index)
+    described = config.get("intensity")
+    described = described if isinstance(described, str) and described else _DEFAULT_INTENSITY
     method = str((config.get("method") or {}).get("name", "unknown"))
     steps = int(ckpt.get("step", 0))
     license_ = str(_first(config, _LICENSE_KEYS) or "other")
@@ -101,10 +116,11 @@ def publish_command(
     model_args = {"in_chans": in_chans, "num_classes": 0, **timm_args}
 
     hub_config = _hub_config(backbone, arch, in_chans, size, mean, std, window, modality, license_,
-                             model_args, method, steps, git_sha, index_sha)
+                             model_args, method, steps, git_sha, index_sha, described)
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    lr = _first(config, _LR_KEYS)
-    train = dict(train, **({"lr": lr} if lr is not None else {}))
+    lr, peak = _first(config, _LR_KEYS), _first(config, ("resolved.peak_lr",))
+    train = dict(train, **({"lr": lr} if lr is not None else {}),
+                 **({"peak_lr": peak} if peak is not None else {}))
     card = build_card(CardInfo(
         arch=arch, in_chans=in_chans, image_size=size, method=method, steps=steps, train=train,
         mean=mean, std=std, modality=modality, window=window, license=license_, git_sha=git_sha,
@@ -254,6 +270,18 @@ def _shard_folder(spec: str, base: Path) -> Path | None:
     return path.parent if path.is_file() else None
 
 
+def _timm_args(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """timm.create_model kwargs the weights need: model.kwargs (pretrain's) plus known shape keys.
+
+    Drop rates are left out, as timm's own exporter does: they change training, not weights.
+    """
+    kwargs = model_cfg.get("kwargs") if isinstance(model_cfg.get("kwargs"), dict) else {}
+    args = {k: model_cfg[k] for k in _TIMM_ARGS if model_cfg.get(k) is not None}
+    skip = ("in_chans", "num_classes", "pretrained", "drop_rate", "drop_path_rate", "drop_block_rate")
+    args.update({k: v for k, v in kwargs.items() if k not in skip and not k.endswith("_drop_rate")})
+    return args
+
+
 def _main_modality(index: dict | None) -> str | None:
     modalities = (index or {}).get("modalities") or {}
     if not modalities:
@@ -290,7 +318,7 @@ def _per_channel(value: Any, in_chans: int, key: str) -> list[float]:
 def _hub_config(model: Any, arch: str, in_chans: int, size: int, mean: list[float],
                 std: list[float], window: dict | None, modality: str | None, license_: str,
                 model_args: dict[str, Any], method: str, steps: int, git_sha: str,
-                index_sha: str | None) -> dict[str, Any]:
+                index_sha: str | None, intensity: str) -> dict[str, Any]:
     # Written by hand rather than with timm's save_config_for_hf: its signature differs across
     # the timm>=1.0 range we support, and it copies the architecture's ImageNet tag, licence
     # and paper into pretrained_cfg, which would misdescribe these weights.
@@ -312,7 +340,7 @@ def _hub_config(model: Any, arch: str, in_chans: int, size: int, mean: list[floa
         "license": license_,
         "modality": modality,
         "window": window,
-        "intensity": "window then scale to [0,1], then (x - mean) / std",
+        "intensity": intensity,
     }
     config = {
         "architecture": arch,

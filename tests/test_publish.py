@@ -59,8 +59,14 @@ class TinySSL(torch.nn.Module):
 
 
 def make_run(root: Path, arch: str = "resnet18", in_chans: int = 1, size: int = 32,
-             shards_spec: str | None = None, **model_kwargs) -> tuple[Path, TinySSL]:
-    """A run dir as medssl pretrain leaves it (docs/internals.md), plus its shard folder."""
+             shards_spec: str | None = None, pretrain_style: bool = False,
+             **model_kwargs) -> tuple[Path, TinySSL]:
+    """A run dir as medssl pretrain leaves it (docs/internals.md), plus its shard folder.
+
+    ``pretrain_style`` writes config.yaml as pretrain/trainer.py does today (model.kwargs,
+    augment.crop_size, normalization, data_intensity); otherwise the brief's layout
+    (model.<kwarg>, intensity: {window, mean, std}). publish must read both.
+    """
     shards = root / "shards"
     shards.mkdir(parents=True)
     (shards / "index.json").write_text(json.dumps(INDEX))
@@ -84,6 +90,16 @@ def make_run(root: Path, arch: str = "resnet18", in_chans: int = 1, size: int = 
         "git_sha": "abc123def",
         "something_new": {"pretrain": "may add keys"},
     }
+    if pretrain_style:
+        config["model"] = {"arch": arch, "in_chans": in_chans,
+                           "kwargs": dict(model_kwargs, drop_path_rate=0.1)}
+        config["augment"] = {"crop_size": size, "mean": 0.4, "std": 0.3}
+        config["intensity"] = "stored * slope + offset -> window -> [0, 1] -> (x - mean) / std"
+        config["normalization"] = {"mean": [0.4], "std": [0.3]}
+        config["data_intensity"] = {"modality": "MR", "unit": None,
+                                    "window": {"center": 300.0, "width": 600.0}}
+        config["resolved"] = {"world_size": 1, "peak_lr": 0.0015}
+        config["train"]["lr"] = None
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     older = {k: torch.zeros_like(v) for k, v in method.state_dict().items()}
     for step, state in ((5, older), (10, method.state_dict())):
@@ -219,6 +235,11 @@ def test_republish_replaces_only_a_previous_publish(published, tmp_path):
 
 def test_missing_checkpoint_or_config_is_a_clear_error(tmp_path):
     run, _ = make_run(tmp_path, arch="test_resnet")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["in_chans"] = 3            # disagrees with the checkpoint's 1-channel stem
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(MedsslError, match="do not fit test_resnet"):
+        publish_command(run, tmp_path / "out")
     (run / "checkpoints" / "latest.txt").unlink()
     with pytest.raises(MedsslError, match="latest.txt"):
         publish_command(run, tmp_path / "out")
@@ -283,11 +304,23 @@ def test_cli_missing_run_dir_is_one_line_exit_2(tmp_path):
 
 def test_vit_with_img_size_and_brace_pattern(tmp_path):
     run, method = make_run(tmp_path, arch="test_vit", in_chans=1, size=32, img_size=32,
-                           shards_spec=str(tmp_path / "shards" / "train-{000000..000003}.tar"))
+                           shards_spec=str(tmp_path / "shards" / "train-{000000..000003}.tar"),
+                           pretrain_style=True)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"rows": [
+        {"task": "demo", "init": f"ssl:{tmp_path}/out", "protocol": "linear", "fraction": 1.0,
+         "seed": s, "auc": 0.7 + s / 100, "acc": 0.6} for s in range(3)]}))
     out = tmp_path / "out"
-    publish_command(run, out)
+    publish_command(run, out, results=results)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_args"]["img_size"] == 32
+    assert config["model_args"]["img_size"] == 32 and "drop_path_rate" not in config["model_args"]
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 32, 32] and cfg["mean"] == [0.4] and cfg["std"] == [0.3]
+    assert cfg["modality"] == "MR" and cfg["window"] == {"center": 300.0, "width": 600.0}
+    assert cfg["intensity"].startswith("stored * slope")
+    card = (out / "README.md").read_text()
+    assert "| demo | ssl:out | linear | 1 | 0.710 | 0.600 | 3 |" in card, card
+    assert str(tmp_path) not in card and "| train.peak_lr | 0.0015 |" in card
     assert config["medssl"]["source_index_sha256"] is not None      # index found via the pattern
     assert "img_size=32" in (out / "README.md").read_text()
     model = create_backbone("test_vit", 1, f"ssl:{out}").eval()
