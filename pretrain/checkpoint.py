@@ -1,0 +1,123 @@
+"""Training checkpoints in ``<output_dir>/checkpoints`` and the stop-on-signal flag.
+
+Format (docs/internals.md): ``step_XXXXXXXX.pt`` holds a dict of tensors, numbers, strings and
+plain containers only, so ``torch.load(..., weights_only=True)`` reads it; ``latest.txt``
+names the newest and is replaced atomically after the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medssl.errors import MedsslError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "medssl-ckpt/1"
+LATEST = "latest.txt"
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Path of the newest complete checkpoint, or None for a fresh run."""
+    folder = checkpoint_dir(output_dir)
+    marker = folder / LATEST
+    if not marker.is_file():
+        return None
+    path = folder / marker.read_text().strip()
+    if not path.is_file():
+        raise MedsslError(f"{marker}: names {path.name}, which is missing; restore it or delete {marker}")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable or not weights-only: refuse, never unpickle
+        raise MedsslError(f"{path}: cannot load as a weights-only checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise MedsslError(f"{path}: not a {FORMAT} checkpoint")
+    return ckpt
+
+
+def save_checkpoint(output_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as ``step_XXXXXXXX.pt``, point ``latest.txt`` at it, keep the newest ``keep``."""
+    folder = checkpoint_dir(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step_{int(state['step']):08d}.pt"
+    tmp = folder / (name + ".tmp")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, folder / name)
+    marker_tmp = folder / (LATEST + ".tmp")
+    marker_tmp.write_text(name + "\n")
+    os.replace(marker_tmp, folder / LATEST)
+    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return folder / name
+
+
+def capture_rng(augment_generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG state as tensors and ints (weights_only-safe)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+        "augment": augment_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], augment_generator: torch.Generator) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    torch.set_rng_state(state["torch"])
+    augment_generator.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption warning) ask the loop to checkpoint and exit.
+
+    The handler only sets a flag: the current step finishes, every rank agrees (all-reduce),
+    a checkpoint is written and the command exits 75 (EX_TEMPFAIL: stopped early, resumable).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None

@@ -1,0 +1,241 @@
+"""Typed config tree of ``medssl pretrain``: defaults here, YAML overrides, ``key=value`` last.
+
+Load with ``medssl.config.load_config(PretrainConfig, path, overrides)``. Values that depend on
+the method (augmentation, optimizer, learning rate, weight decay) default to ``None`` and are
+filled in from the method registry by ``resolve_method_defaults`` so the saved ``config.yaml``
+always shows the numbers that actually ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medssl.errors import ConfigError
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""               # folder (its index.json's split), glob or brace pattern
+    split: str = "train"           # split used when ``shards`` is a folder with index.json
+    num_workers: int = 4           # CPU loader processes per rank: read, decode, crop only
+    load_size: int = 256           # CPU workers emit [C, load_size, load_size] integer tensors
+    shuffle_buffer: int = 1000     # samples held per worker for shuffling
+    shuffle_initial: int = 100     # samples buffered before the first is emitted
+    prefetch_factor: int = 4       # batches prefetched per worker
+    pin_memory: bool = True        # only used when training on a GPU
+    max_bad_samples: int = 100     # undecodable samples tolerated per worker before failing
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0 (0 reads in the main process)")
+        _check(self.load_size >= 8, f"data.load_size must be >= 8 px, got {self.load_size}")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1 (1 disables shuffling)")
+        _check(self.shuffle_initial >= 1, "data.shuffle_initial must be >= 1")
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
+        _check(self.max_bad_samples >= 0, "data.max_bad_samples must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"                 # any timm model name
+    in_chans: int = 1                      # 1 for grayscale scans (native, no channel copies), 3 for RGB
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+
+    def __post_init__(self) -> None:
+        _check(self.in_chans in (1, 3), f"model.in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}")
+        _check(bool(self.arch), "model.arch must name a timm model, e.g. resnet50")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"                   # simclr | mae (see pretrain/methods)
+    # SimCLR
+    temperature: float = 0.1
+    proj_hidden_dim: int = 2048
+    proj_output_dim: int = 128
+    # MAE
+    mask_ratio: float = 0.75
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True
+
+    def __post_init__(self) -> None:
+        from pretrain.methods import available_methods
+
+        names = available_methods()
+        _check(self.name in names, f"method.name must be one of {' | '.join(names)}, got {self.name!r}")
+        _check(self.temperature > 0, "method.temperature must be > 0 (SimCLR uses ~0.1-0.5)")
+        _check(0.0 < self.mask_ratio < 1.0, f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for key in ("proj_hidden_dim", "proj_output_dim", "decoder_dim", "decoder_depth", "decoder_heads"):
+            _check(getattr(self, key) >= 1, f"method.{key} must be >= 1")
+        _check(self.decoder_dim % self.decoder_heads == 0,
+               "method.decoder_dim must be divisible by method.decoder_heads")
+
+
+@dataclass
+class AugmentConfig:
+    """Batched on-device augmentation; ``None`` means "the method's default" (see methods/)."""
+
+    crop_size: int = 224                        # output side in px
+    scale: tuple[float, float] | None = None    # crop area as a fraction of the loaded image
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # crop aspect ratio range
+    hflip_p: float | None = None
+    vflip_p: float | None = None
+    rotate_degrees: float | None = None         # uniform in [-d, d]
+    window_center_jitter: float | None = None   # shift of the window centre, fraction of its width
+    window_width_jitter: float | None = None    # relative change of the window width
+    intensity_p: float | None = None            # probability of brightness/contrast/gamma
+    brightness: float | None = None             # additive, in [0,1] display units
+    contrast: float | None = None               # multiplicative about the image mean, 1 +- c
+    gamma: float | None = None                  # gamma in [1/(1+g), 1+g]
+    blur_p: float | None = None
+    blur_sigma: tuple[float, float] | None = None   # px at crop_size
+    noise_p: float | None = None
+    noise_std: float | None = None              # max Gaussian noise std, in [0,1] display units
+    mean: float = 0.5                           # normalisation after windowing to [0,1]
+    std: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check(self.crop_size >= 8, f"augment.crop_size must be >= 8 px, got {self.crop_size}")
+        if self.scale is not None:
+            lo, hi = self.scale
+            _check(0 < lo <= hi <= 1, f"augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        _check(0 < self.ratio[0] <= self.ratio[1], f"augment.ratio must be 0 < min <= max, got {self.ratio}")
+        for key in ("hflip_p", "vflip_p", "intensity_p", "blur_p", "noise_p"):
+            v = getattr(self, key)
+            _check(v is None or 0.0 <= v <= 1.0, f"augment.{key} is a probability in [0, 1], got {v}")
+        for key in ("rotate_degrees", "window_center_jitter", "window_width_jitter", "brightness",
+                    "contrast", "gamma", "noise_std"):
+            v = getattr(self, key)
+            _check(v is None or v >= 0, f"augment.{key} must be >= 0, got {v}")
+        _check(self.window_width_jitter is None or self.window_width_jitter < 1,
+               "augment.window_width_jitter must be < 1 (a relative change of the window width)")
+        _check(self.contrast is None or self.contrast < 1, "augment.contrast must be < 1")
+        if self.blur_sigma is not None:
+            _check(0 < self.blur_sigma[0] <= self.blur_sigma[1],
+                   f"augment.blur_sigma must be 0 < min <= max, got {self.blur_sigma}")
+        _check(self.std > 0, "augment.std must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 256                  # GLOBAL: across ranks and accumulation micro-steps
+    grad_accum: int = 1
+    lr: float | None = None                # base lr per 256 samples; scaled by batch_size / 256
+    optimizer: Literal["auto", "lars", "adamw", "sgd"] = "auto"   # auto: the method's default
+    weight_decay: float | None = None
+    momentum: float = 0.9                  # lars / sgd
+    betas: tuple[float, float] = (0.9, 0.95)   # adamw
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0              # cosine decays to lr * min_lr_ratio
+    clip_grad_norm: float = 0.0            # 0 disables clipping (the norm is still checked)
+    precision: Literal["auto", "bf16", "fp16", "no"] = "auto"    # auto: bf16 on GPU, no on CPU
+    compile: bool = False
+    channels_last: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5           # consecutive skipped steps before the run stops
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(self.batch_size >= 2, "train.batch_size (global) must be >= 2")
+        _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _check(self.batch_size % self.grad_accum == 0,
+               f"train.batch_size {self.batch_size} must be divisible by train.grad_accum {self.grad_accum}")
+        _check(self.lr is None or self.lr > 0, "train.lr must be > 0")
+        _check(self.weight_decay is None or self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(0 <= self.warmup_steps < self.max_steps or self.max_steps == 1,
+               f"train.warmup_steps must be in [0, max_steps), got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        _check(self.clip_grad_norm >= 0, "train.clip_grad_norm must be >= 0 (0 disables)")
+        _check(self.log_every >= 1, "train.log_every must be >= 1")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every must be >= 1")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "medssl"
+    run_name: str | None = None
+    progress: bool = True                  # tqdm bar on rank zero
+
+
+@dataclass
+class DebugConfig:
+    """Hooks for tests; leave at defaults for real runs."""
+
+    nan_at_steps: list[int] = field(default_factory=list)   # make the loss NaN at these (1-based) steps
+    dump_rank_weights: bool = False   # each rank writes debug/rank{R}.safetensors at the end
+    step_sleep: float = 0.0           # seconds slept per step, so a test can signal mid-run
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = ""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.output_dir), "output_dir must be set (the run dir; a re-run resumes from it)")
+        _check(bool(self.data.shards), "data.shards must name a shard folder, glob or brace pattern")
+        _check(self.augment.crop_size <= self.data.load_size,
+               f"augment.crop_size {self.augment.crop_size} must be <= data.load_size {self.data.load_size}")
+
+
+def resolve_method_defaults(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill every ``None`` in ``augment`` and ``train`` from the method's registry entry."""
+    from pretrain.methods import get_method
+
+    spec = get_method(cfg.method.name)
+    aug = {k: v for k, v in dataclasses.asdict(cfg.augment).items()}
+    for key, value in spec.augment_defaults.items():
+        if aug.get(key) is None:
+            aug[key] = value
+    missing = [k for k, v in aug.items() if v is None]
+    if missing:
+        raise ConfigError(f"method {spec.name!r} gives no default for augment.{missing[0]}; set it")
+    train = cfg.train
+    optimizer = spec.optimizer if train.optimizer == "auto" else train.optimizer
+    updates = dict(
+        optimizer=optimizer,
+        lr=train.lr if train.lr is not None else spec.lr[optimizer if optimizer in spec.lr else "default"],
+        weight_decay=train.weight_decay if train.weight_decay is not None else spec.weight_decay,
+    )
+    return dataclasses.replace(
+        cfg,
+        augment=AugmentConfig(**aug),
+        train=dataclasses.replace(train, **updates),
+    )
+
+
+def scaled_lr(cfg: TrainConfig) -> float:
+    """Peak learning rate: ``train.lr`` is per 256 samples, scaled linearly by the global batch."""
+    assert cfg.lr is not None
+    return cfg.lr * cfg.batch_size / 256.0
+
+
+def cosine_factor(step: int, cfg: TrainConfig) -> float:
+    """LR multiplier at ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

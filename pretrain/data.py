@@ -1,0 +1,248 @@
+"""Training stream from WebDataset shards: split by rank and worker, endless, restorable.
+
+CPU workers only read tars, decode PNG and resize/centre-crop to ``data.load_size``; every
+random augmentation happens later on the accelerator (pretrain/augment.py).
+
+Why not ``wds.WebDataset(..., resampled=True).with_epoch(n)``: its resampling draws from an
+unseeded per-worker RNG, so a resumed run cannot replay the stream. Here each of the
+``world_size * num_workers`` global workers owns a fixed, disjoint slice of the shards and
+cycles through it forever, reshuffling the slice every pass with an RNG seeded by
+(seed, pass, rank, worker) and shuffling samples in a buffer seeded by (seed, rank, worker).
+The stream is thus a pure function of the seed, and never ends, so every rank always has a
+batch (uneven epochs hang DDP). To resume after ``n`` batches, each worker skips the raw
+(undecoded) samples of the batches it had already delivered: reading tar members is cheap,
+decoding is not. The DataLoader hands out worker batches round-robin, so batch ``i`` comes
+from logical worker ``i % num_workers`` (a resumed loader rotates its workers to keep that). webdataset still does the tar reading and buffered shuffle.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from medssl.data.sample import decode_image
+from medssl.errors import MedsslError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_shards(spec: str, split: str = "train") -> list[str]:
+    """Shard paths of ``spec``: a folder (its index.json's ``split``), a glob, or a brace pattern."""
+    try:
+        from medssl.data.shards import list_shards
+    except ImportError:  # the shared reader is written concurrently; same rules here
+        urls = _list_shards(spec, split)
+    else:
+        urls = list_shards(spec, split)
+    urls = [str(u) for u in urls]
+    if not urls:
+        raise MedsslError(f"data.shards {spec!r}: no shards found (split {split!r})")
+    return urls
+
+
+def _list_shards(spec: str, split: str) -> list[str]:
+    path = Path(spec)
+    if path.is_dir():
+        index = path / "index.json"
+        if index.is_file():
+            shards = json.loads(index.read_text()).get("shards", {})
+            return sorted(str(path / n) for n, s in shards.items() if s.get("split") == split)
+        return sorted(str(p) for p in path.glob(f"{split}-*.tar"))
+    if "{" in spec:
+        return [u for u in braceexpand.braceexpand(spec) if Path(u).is_file()]
+    return sorted(glob.glob(spec))
+
+
+def worker_shards(urls: list[str], rank: int, world_size: int, num_workers: int) -> list[list[str]]:
+    """Disjoint shard slices of one rank's workers: ``[worker][shard]``.
+
+    Raises MedsslError when some worker would get none (a rank without data hangs DDP).
+    """
+    nw = max(1, num_workers)
+    total = world_size * nw
+    if len(urls) < total:
+        raise MedsslError(
+            f"data.shards: {len(urls)} shards for {world_size} ranks x {nw} workers = {total} "
+            f"readers; every reader needs at least one shard: lower data.num_workers or reshard "
+            f"with a smaller --shard-size"
+        )
+    return [urls[rank * nw + w::total] for w in range(nw)]
+
+
+def batches_before(consumed: int, worker: int, num_workers: int) -> int:
+    """How many of the first ``consumed`` loader batches came from ``worker`` (round-robin)."""
+    return max(0, (consumed - worker + num_workers - 1) // num_workers)
+
+
+def load_sample(sample: dict[str, Any], load_size: int) -> dict[str, Any]:
+    """Decode one raw shard sample to a fixed ``[C, load_size, load_size]`` integer tensor.
+
+    Deterministic on purpose (short side resized to ``load_size``, centre crop): the random
+    crop happens on the accelerator. uint16 is carried as int16 bits (torch has few uint16
+    ops; the device reinterprets them), halving the copy against int32.
+    """
+    meta = json.loads(sample["json"])
+    image = decode_image(sample["png"] if "png" in sample else sample["img.png"])
+    _, h, w = image.shape
+    if (h, w) != (load_size, load_size):
+        t = torch.from_numpy(image.astype(np.float32))[None]
+        scale = load_size / min(h, w)
+        nh, nw = max(load_size, round(h * scale)), max(load_size, round(w * scale))
+        t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - load_size) // 2, (nw - load_size) // 2
+        t = t[0, :, top:top + load_size, left:left + load_size]
+        hi = 65535 if image.dtype == np.uint16 else 255
+        image = t.round_().clamp_(0, hi).numpy().astype(image.dtype)
+    if image.dtype == np.uint16:
+        tensor = torch.from_numpy(np.array(image, copy=True).view(np.int16))
+    else:
+        tensor = torch.from_numpy(np.array(image, copy=True))
+    intensity = meta.get("intensity") or {}
+    window = meta.get("window") or {}
+    nan = float("nan")
+    return {
+        "image": tensor,
+        "offset": float(intensity.get("offset", 0.0)),
+        "slope": float(intensity.get("slope", 1.0)),
+        "center": float(window["center"]) if window.get("center") is not None else nan,
+        "width": float(window["width"]) if window.get("width") is not None else nan,
+    }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        **{k: torch.tensor([s[k] for s in samples], dtype=torch.float32)
+           for k in ("offset", "slope", "center", "width")},
+    }
+
+
+class ShardStream(IterableDataset):
+    """Endless batches ``{"image": [B, C, L, L], "offset"/"slope"/"center"/"width": [B]}``.
+
+    ``skip_batches``: loader batches already consumed by this rank (the resume position).
+    """
+
+    def __init__(self, urls: list[str], *, rank: int, world_size: int, num_workers: int, seed: int,
+                 batch_size: int, load_size: int, in_chans: int, shuffle_buffer: int,
+                 shuffle_initial: int, max_bad_samples: int, skip_batches: int = 0):
+        super().__init__()
+        self.slices = worker_shards(urls, rank, world_size, num_workers)
+        self.rank, self.num_workers, self.seed = rank, max(1, num_workers), seed
+        self.batch_size, self.load_size, self.in_chans = batch_size, load_size, in_chans
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
+        self.max_bad_samples, self.skip_batches = max_bad_samples, skip_batches
+        self.bad = 0
+
+    def _shard_cycle(self, worker: int) -> Iterator[dict[str, str]]:
+        mine = self.slices[worker]
+        for epoch in itertools.count():
+            order = list(mine)
+            random.Random(f"shards-{self.seed}-{epoch}-{self.rank}-{worker}").shuffle(order)
+            for url in order:
+                yield {"url": url}
+
+    def _on_error(self, exn: Exception) -> bool:
+        self.bad += 1
+        log.warning("skipping unreadable shard sample (%d so far): %s", self.bad, exn)
+        if self.bad > self.max_bad_samples:
+            raise MedsslError(f"data.shards: more than data.max_bad_samples={self.max_bad_samples} "
+                              f"unreadable samples in one worker; last: {exn}; run `medssl shards verify`")
+        return True
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        # The DataLoader asks its workers round-robin starting at 0, but after ``skip_batches``
+        # the next batch belongs to logical worker ``skip_batches % num_workers``: rotate.
+        worker = ((info.id if info is not None else 0) + self.skip_batches) % self.num_workers
+        samples = wds.tarfile_samples(self._shard_cycle(worker), handler=self._on_error)
+        rng = random.Random(f"samples-{self.seed}-{self.rank}-{worker}")
+        samples = wds.filters._shuffle(iter(samples), self.shuffle_buffer, self.shuffle_initial, rng=rng)
+        skip = batches_before(self.skip_batches, worker, self.num_workers) * self.batch_size
+        samples = itertools.islice(samples, skip, None)
+        batch: list[dict[str, Any]] = []
+        for raw in samples:
+            try:
+                item = load_sample(raw, self.load_size)
+            except MedsslError:
+                raise
+            except Exception as exn:  # noqa: BLE001  a corrupt PNG or json: counted, bounded, never silent
+                self._on_error(exn)
+                continue
+            if item["image"].shape[0] != self.in_chans:
+                raise MedsslError(f"{raw.get('__url__', 'shard')}: sample has {item['image'].shape[0]} "
+                                  f"channels but model.in_chans={self.in_chans}; set model.in_chans")
+            batch.append(item)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+
+
+def build_loader(urls: list[str], *, rank: int, world_size: int, local_batch: int, seed: int,
+                 data_cfg: Any, in_chans: int, skip_batches: int, pin_memory: bool) -> DataLoader:
+    """DataLoader over ``ShardStream`` (not passed through accelerate's ``prepare``)."""
+    stream = ShardStream(
+        urls, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers, seed=seed,
+        batch_size=local_batch, load_size=data_cfg.load_size, in_chans=in_chans,
+        shuffle_buffer=data_cfg.shuffle_buffer, shuffle_initial=data_cfg.shuffle_initial,
+        max_bad_samples=data_cfg.max_bad_samples, skip_batches=skip_batches,
+    )
+    extra: dict[str, Any] = {}
+    if data_cfg.num_workers > 0:
+        extra = dict(prefetch_factor=data_cfg.prefetch_factor, persistent_workers=False)
+    # Own generator: DataLoader draws worker base seeds from it, not from the global RNG the
+    # trainer restores on resume.
+    return DataLoader(stream, batch_size=None, num_workers=data_cfg.num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def summarize_intensity(urls: list[str], max_samples: int = 64) -> dict[str, Any]:
+    """Most common modality, unit and default window among the first samples (for the run record).
+
+    Only modality names and window numbers are read: nothing that identifies a patient.
+    """
+    from collections import Counter
+
+    modalities: Counter[str] = Counter()
+    windows: Counter[tuple[float, float]] = Counter()
+    units: Counter[str] = Counter()
+    samples = wds.tarfile_samples(({"url": u} for u in urls[:4]), handler=wds.warn_and_continue)
+    for raw in itertools.islice(samples, max_samples):
+        meta = json.loads(raw["json"])
+        modalities[str(meta.get("modality"))] += 1
+        units[str((meta.get("intensity") or {}).get("unit"))] += 1
+        window = meta.get("window") or {}
+        if window.get("center") is not None and window.get("width") is not None:
+            windows[(float(window["center"]), float(window["width"]))] += 1
+    window = windows.most_common(1)[0][0] if windows else None
+    return {
+        "modality": modalities.most_common(1)[0][0] if modalities else None,
+        "unit": units.most_common(1)[0][0] if units else None,
+        "window": {"center": window[0], "width": window[1]} if window else None,
+    }
+
+
+def estimated_epoch_steps(urls: list[str], global_batch: int) -> float:
+    """Steps per pass over the data, from index.json sample counts when present (for logs)."""
+    counts = 0
+    for folder in {str(Path(u).parent) for u in urls}:
+        index = Path(folder) / "index.json"
+        if index.is_file():
+            shards = json.loads(index.read_text()).get("shards", {})
+            counts += sum(int(shards.get(Path(u).name, {}).get("samples", 0)) for u in urls
+                          if str(Path(u).parent) == folder)
+    return counts / global_batch if counts else math.nan

@@ -1,0 +1,77 @@
+"""Registry of SSL methods: each pairs a model with its augmentation and optimizer defaults.
+
+A method is one file in this folder that decorates a builder with ``@register_method``. The
+builder returns an ``nn.Module`` whose ``forward(views)`` takes a list of augmented batches
+``[B, C, H, W]`` (``n_views`` of them) and returns a dict of scalar losses with ``"loss"`` the
+one to minimise. Its module must expose ``backbone`` (the timm model, ``num_classes=0``) so the
+checkpoint's ``backbone.`` prefix yields a plain timm state dict.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from pretrain.config import PretrainConfig
+
+#: Modules imported on first use; a new method is one more file and one more name here.
+_METHOD_MODULES = ("pretrain.methods.simclr", "pretrain.methods.mae")
+
+BACKBONE_PREFIX = "backbone."
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    build: Callable[[PretrainConfig], nn.Module]
+    n_views: int                               # augmented views per image
+    optimizer: str                             # default for train.optimizer=auto
+    lr: dict[str, float]                       # base lr per 256 samples, by optimizer ("default")
+    weight_decay: float
+    augment_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    n_views: int,
+    optimizer: str,
+    lr: dict[str, float],
+    weight_decay: float,
+    augment: dict[str, Any],
+) -> Callable[[Callable[[PretrainConfig], nn.Module]], Callable[[PretrainConfig], nn.Module]]:
+    """Decorator: register ``build(cfg) -> nn.Module`` under ``name`` with its defaults."""
+
+    def wrap(build: Callable[[PretrainConfig], nn.Module]) -> Callable[[PretrainConfig], nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"SSL method {name!r} registered twice")
+        _REGISTRY[name] = MethodSpec(name, build, n_views, optimizer, dict(lr), weight_decay, dict(augment))
+        return build
+
+    return wrap
+
+
+def _load_all() -> None:
+    for module in _METHOD_MODULES:
+        importlib.import_module(module)
+
+
+def available_methods() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown SSL method {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None

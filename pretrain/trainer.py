@@ -1,0 +1,307 @@
+"""``medssl pretrain CONFIG [key=value ...]``: the training loop, top to bottom.
+
+accelerate handles devices, processes (DDP) and precision. Every run writes to
+``output_dir``: ``config.yaml`` (resolved, git SHA, intensity handling), ``metrics.jsonl``,
+``checkpoints/``, ``logs/shards_rank{R}.json``. Re-running the same command resumes from the
+newest checkpoint; a finished run exits 0 at once; SIGTERM/SIGUSR1 checkpoint and exit 75.
+
+Randomness is a pure function of (seed, step, rank): each step reseeds the global torch RNG
+(MAE masks, dropout) and the augmentation generator, and the data stream is a function of
+the seed and the batches consumed. That is what makes a resumed run bitwise equal to an
+uninterrupted one on CPU, and lets a checkpoint from N ranks resume on M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from medssl.config import load_config, save_config, to_dict
+from medssl.errors import ConfigError, MedsslError
+from pretrain.augment import GpuAugment
+from pretrain.checkpoint import (
+    StopFlag,
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from pretrain.config import PretrainConfig, cosine_factor, resolve_method_defaults, scaled_lr
+from pretrain.data import (
+    build_loader,
+    estimated_epoch_steps,
+    resolve_shards,
+    summarize_intensity,
+    worker_shards,
+)
+from pretrain.methods import BACKBONE_PREFIX, get_method
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.tracking import MetricsFile, start_wandb
+
+log = logging.getLogger("medssl.pretrain")
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, checkpointed, resumable
+
+
+def pretrain_command(config_path: Path, overrides: list[str]) -> int:
+    """CLI entry: validate the whole config, then train. Returns the exit code (0 / 75)."""
+    cfg = resolve_method_defaults(load_config(PretrainConfig, config_path, overrides))
+    return train(cfg)
+
+
+def _precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of one (step, rank): distinct streams, reproducible after resume."""
+    return (seed * 1_000_003 + step * 1_009 + rank) % (2**63 - 1)
+
+
+class Pretrainer:
+    """Model, optimizer, schedule and augmentation of one run, and its ``step``."""
+
+    def __init__(self, cfg: PretrainConfig, accelerator: Accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.spec = get_method(cfg.method.name)
+        set_seed(cfg.seed)
+        model = self.spec.build(cfg)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.unwrapped = model
+        self.optimizer = build_optimizer(model, cfg.train)
+        # The scheduler is not prepare()d: accelerate would step it once per process.
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        if cfg.train.compile:
+            model.compile()  # in place: state_dict keys stay those of the plain module
+        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.augment = GpuAugment(cfg.augment, self.spec.n_views, cfg.train.channels_last)
+        self.generator = torch.Generator(device=accelerator.device)
+        self.check_grads = accelerator.mixed_precision != "fp16"  # fp16: the scaler skips infs
+
+    def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, finite flag).
+
+        A non-finite loss or gradient on any rank skips the update on every rank (all-reduced
+        flag): weights and optimizer moments stay as they were, the batch is consumed and the
+        schedule moves on, so lr stays a function of the step.
+        """
+        acc, cfg = self.accelerator, self.cfg
+        torch.manual_seed(step_seed(cfg.seed, step, acc.process_index))
+        self.generator.manual_seed(step_seed(cfg.seed + 1, step, acc.process_index))
+        losses = []
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            views = self.augment(batch, self.generator)
+            sync = i == len(batches) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                loss = self.model(views)["loss"]
+                if step + 1 in cfg.debug.nan_at_steps:  # numbered as logged (1-based)
+                    loss = loss * float("nan")
+                acc.backward(loss / len(batches))
+            losses.append(loss.detach().float())
+        loss = torch.stack(losses).mean()
+        max_norm = cfg.train.clip_grad_norm or float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = torch.isfinite(loss)
+        if self.check_grads and grad_norm is not None:
+            finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
+        finite = finite.float()
+        if acc.num_processes > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() > 0:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss, finite
+
+
+def train(cfg: PretrainConfig) -> int:
+    """Run (or resume) pretraining as configured; returns the exit code."""
+    out = Path(cfg.output_dir)
+    latest = latest_checkpoint(out)
+    ckpt = load_checkpoint(latest) if latest is not None else None
+    start = int(ckpt["step"]) if ckpt else 0
+    if start >= cfg.train.max_steps:
+        log.info("%s: already finished (step %d of train.max_steps=%d); nothing to do",
+                 out, start, cfg.train.max_steps)
+        return 0
+    if ckpt is not None:
+        _check_same_run(cfg, ckpt, latest)
+
+    accelerator = Accelerator(mixed_precision=_precision(cfg.train.precision))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_step = world * cfg.train.grad_accum
+    if cfg.train.batch_size % per_step:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by "
+                          f"{world} processes x train.grad_accum {cfg.train.grad_accum}")
+    local_batch = cfg.train.batch_size // per_step
+    urls = resolve_shards(cfg.data.shards, cfg.data.split)
+    slices = worker_shards(urls, rank, world, cfg.data.num_workers)
+
+    trainer = Pretrainer(cfg, accelerator)
+    if ckpt is not None:
+        trainer.unwrapped.load_state_dict(ckpt["model"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        trainer.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt["rng"], trainer.generator)
+        layout = ckpt.get("data", {})
+        if (layout.get("world_size"), layout.get("num_workers")) != (world, cfg.data.num_workers):
+            log.warning("resuming with %d ranks x %d workers (checkpoint: %s x %s): the data order "
+                        "differs from an uninterrupted run", world, cfg.data.num_workers,
+                        layout.get("world_size"), layout.get("num_workers"))
+        log.info("resuming from %s (step %d)", latest, start)
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml", extra={
+            "resolved": {"world_size": world, "local_batch": local_batch,
+                         "precision": accelerator.mixed_precision, "peak_lr": scaled_lr(cfg.train)},
+            **trainer.augment.record(),
+            "data_intensity": summarize_intensity(urls),
+        })
+    accelerator.wait_for_everyone()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "logs" / f"shards_rank{rank}.json").write_text(
+        _json({"rank": rank, "workers": [[Path(u).name for u in s] for s in slices]}))
+
+    loader = build_loader(urls, rank=rank, world_size=world, local_batch=local_batch, seed=cfg.seed,
+                          data_cfg=cfg.data, in_chans=cfg.model.in_chans,
+                          skip_batches=start * cfg.train.grad_accum,
+                          pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda")
+    return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls)
+
+
+def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, loader: Any, start: int,
+          ckpt: dict[str, Any] | None, latest: Path | None, urls: list[str]) -> int:
+    out, main = Path(cfg.output_dir), accelerator.is_main_process
+    metrics = MetricsFile(out / "metrics.jsonl", start) if main else None
+    run = None
+    wandb_id = ckpt.get("wandb_id") if ckpt else None
+    if main:
+        run = start_wandb(cfg.logging.wandb, cfg.logging.project, cfg.logging.run_name, wandb_id,
+                          out, to_dict(cfg))
+        wandb_id = run.id if run is not None else None
+    epoch_steps = estimated_epoch_steps(urls, cfg.train.batch_size)
+    bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (main and cfg.logging.progress),
+               desc="pretrain", dynamic_ncols=True)
+    last_good = str(latest) if latest else "none"
+    step, bad_streak, skipped = start, 0, 0
+    t_log, n_log = time.perf_counter(), 0
+    stopped = False
+
+    def checkpoint() -> None:
+        nonlocal last_good
+        accelerator.wait_for_everyone()
+        if main:
+            state = {
+                "step": step, "model": trainer.unwrapped.state_dict(), "backbone_prefix": BACKBONE_PREFIX,
+                "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "rng": capture_rng(trainer.generator),
+                "data": {"batches": step * cfg.train.grad_accum, "world_size": accelerator.num_processes,
+                         "num_workers": cfg.data.num_workers},
+                "wandb_id": wandb_id, "config": to_dict(cfg),
+            }
+            last_good = str(save_checkpoint(out, state, cfg.train.keep_checkpoints))
+        accelerator.wait_for_everyone()
+
+    it = iter(loader)
+    with StopFlag() as stop:
+        while step < cfg.train.max_steps:
+            batches = [next(it) for _ in range(cfg.train.grad_accum)]
+            loss, finite = trainer.step(batches, step)
+            step += 1
+            n_log += 1
+            if finite.item() > 0:
+                bad_streak = 0
+            else:
+                bad_streak += 1
+                skipped += 1
+                log.warning("step %d: non-finite loss or gradient on some rank; update skipped "
+                            "(%d in a row)", step, bad_streak)
+                if bad_streak >= cfg.train.max_nonfinite_steps:
+                    bar.close()
+                    raise MedsslError(
+                        f"step {step}: loss or gradients non-finite for {bad_streak} steps in a row "
+                        f"(train.max_nonfinite_steps); last good checkpoint: {last_good}; lower train.lr "
+                        f"or set train.clip_grad_norm, then resume")
+            if cfg.debug.step_sleep:
+                time.sleep(cfg.debug.step_sleep)
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                mean_loss = accelerator.reduce(loss, reduction="mean").item()
+                elapsed = time.perf_counter() - t_log
+                lr = scaled_lr(cfg.train) * cosine_factor(step - 1, cfg.train)  # lr this step used
+                record = {"step": step, "loss": mean_loss, "lr": lr,
+                          "samples_per_s": n_log * cfg.train.batch_size / max(elapsed, 1e-9),
+                          "epoch": step / epoch_steps if not math.isnan(epoch_steps) else None,
+                          "skipped_steps": skipped}
+                t_log, n_log = time.perf_counter(), 0
+                if main:
+                    metrics.write(record)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+                    if run is not None:
+                        run.log(record, step=step)
+            # Every rank must agree to stop, or one waits forever in the next collective.
+            want_stop = torch.tensor(float(stop.requested), device=accelerator.device)
+            if accelerator.num_processes > 1:
+                dist.all_reduce(want_stop, op=dist.ReduceOp.MAX)
+            stopped = want_stop.item() > 0 and step < cfg.train.max_steps
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stopped:
+                checkpoint()
+            if stopped:
+                break
+    bar.close()
+    if cfg.debug.dump_rank_weights:
+        _dump_rank_weights(trainer, out, accelerator.process_index)
+    if run is not None:
+        run.finish()
+    accelerator.end_training()
+    if stopped:
+        log.info("stopped by signal at step %d; checkpoint %s; run the same command to resume",
+                 step, last_good)
+        return EXIT_STOPPED
+    log.info("finished %d steps; checkpoint %s", step, last_good)
+    return 0
+
+
+def _check_same_run(cfg: PretrainConfig, ckpt: dict[str, Any], path: Path | None) -> None:
+    saved = ckpt.get("config", {})
+    for section, key in (("model", "arch"), ("model", "in_chans"), ("method", "name")):
+        old, new = saved.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if old is not None and old != new:
+            raise ConfigError(f"{path}: output_dir holds a run with {section}.{key}={old!r}, config says "
+                              f"{new!r}; use another output_dir or restore the setting")
+
+
+def _dump_rank_weights(trainer: Pretrainer, out: Path, rank: int) -> None:
+    from safetensors.torch import save_file
+
+    folder = out / "debug"
+    folder.mkdir(parents=True, exist_ok=True)
+    params = {n: p.detach().cpu().contiguous() for n, p in trainer.unwrapped.named_parameters()}
+    save_file(params, str(folder / f"rank{rank}.safetensors"))
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1) + "\n"

@@ -1,0 +1,96 @@
+"""Tiny synthetic shards in the real format, written with webdataset's TarWriter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from medssl.data.sample import encode_intensity, encode_png
+
+# Two cores shared by many test runs: more threads than cores makes every step several
+# times slower and timing-dependent. Subprocesses get OMP_NUM_THREADS=1 (see run_cli).
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[2]
+DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
+
+
+def synthetic_ct(rng: np.random.Generator, size: int) -> np.ndarray:
+    """``[size, size]`` int16 HU: air, a body ellipse of soft tissue, a few bright blobs."""
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    img = np.full((size, size), -1000.0)
+    a, b = rng.uniform(0.3, 0.45, 2)
+    body = (xx / a) ** 2 + (yy / b) ** 2 < 1
+    img[body] = rng.normal(40, 10, body.sum())
+    for _ in range(rng.integers(1, 4)):
+        cx, cy = rng.uniform(-0.25, 0.25, 2)
+        r = rng.uniform(0.04, 0.12)
+        img[((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) & body] = rng.uniform(150, 700)
+    return img.round().astype(np.int16)
+
+
+def write_shards(out: Path, n_shards: int = 8, per_shard: int = 16, size: int = 40, seed: int = 0,
+                 rgb: bool = False) -> Path:
+    """Write ``train-NNNNNN.tar`` shards plus index.json; returns ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards = {}
+    for s in range(n_shards):
+        name = f"train-{s:06d}.tar"
+        with wds.TarWriter(str(out / name)) as sink:
+            for i in range(per_shard):
+                meta = {"modality": "CT", "body_part": None, "view": None, "pixel_spacing": [1.0, 1.0],
+                        "slice_index": i, "patient": f"p-{s:016x}", "study": None, "series": None}
+                if rgb:
+                    png = encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+                    meta.update(channels=3, intensity={"offset": 0.0, "slope": 1.0, "unit": None}, window=None)
+                else:
+                    stored, offset, slope = encode_intensity(synthetic_ct(rng, size))
+                    png = encode_png(stored)
+                    meta.update(channels=1, intensity={"offset": offset, "slope": slope, "unit": "HU"},
+                                window={"center": 40.0, "width": 400.0})
+                sink.write({"__key__": f"p{s:03d}-{i:012x}", "img.png": png,
+                            "json": json.dumps(meta).encode()})
+        data = (out / name).read_bytes()
+        shards[name] = {"split": "train", "samples": per_shard, "sha256": hashlib.sha256(data).hexdigest()}
+    index = {"format": "medssl-shards/1", "medssl_version": "0.1.0", "created": "2026", "shards": shards,
+             "splits": {"train": {"samples": n_shards * per_shard, "patients": n_shards}},
+             "inputs": {"seen": 0, "written": 0, "quarantined": 0, "quarantined_by_reason": {}},
+             "labels": None, "config": {}, "modalities": {"CT": n_shards * per_shard}}
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+
+
+@pytest.fixture
+def make_shards():
+    """The shard writer, for tests that need their own layout."""
+    return write_shards
+
+
+def run_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for CLI subprocesses: one thread, repo importable, wandb offline and local."""
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline",
+               WANDB_DIR=str(tmp_path), WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return run_env(tmp_path)
