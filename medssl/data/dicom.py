@@ -245,13 +245,18 @@ def _open(path: Path):
     try:
         # defer_size: pixel data is read only when decoded, so a header-only look
         # (policy checks) costs little even for a 1 GB multi-frame file.
-        return pydicom.dcmread(path, defer_size="1 MB", force=force)
+        ds = pydicom.dcmread(path, defer_size="1 MB", force=force)
     except InvalidDicomError as exc:
         raise Quarantine("unreadable", "not a DICOM file") from exc
     except EOFError as exc:
         raise Quarantine("truncated", "the file ends inside its header") from exc
     except Exception as exc:  # pydicom raises many types for bad headers
         raise Quarantine("unreadable", f"header parse failed ({type(exc).__name__})") from exc
+    # force=True parses anything named .dcm, even an empty or random file, into "a dataset";
+    # one with none of the attributes every image has is not DICOM at all.
+    if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "PixelData")):
+        raise Quarantine("unreadable", "not a DICOM file")
+    return ds
 
 
 def read_dicom(path: Path, *, allow_burned_in: bool = False) -> Iterator[Slice]:

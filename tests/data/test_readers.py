@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -262,10 +261,15 @@ def test_unknown_format_and_garbage_png_quarantined(tmp_path):
         list(read_slices(unknown))
     assert info.value.reason == "unsupported_format"
     garbage = tmp_path / "bad.png"
-    garbage.write_bytes(os.urandom(2048))
+    garbage.write_bytes(np.random.default_rng(1).bytes(2048))
     with pytest.raises(Quarantine) as info:
         list(read_slices(garbage))
     assert info.value.reason == "unreadable"
+    for name, data in (("rand.dcm", np.random.default_rng(0).bytes(4096)), ("empty.dcm", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(Quarantine) as info:
+            list(read_slices(tmp_path / name))
+        assert info.value.reason == "unreadable"
     cut = tmp_path / "cut.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(cut)
     cut.write_bytes(cut.read_bytes()[:300])
@@ -371,7 +375,7 @@ def test_nifti_patient_is_bids_subject_else_stem(tmp_path):
 
 def test_broken_nifti_quarantined(tmp_path):
     path = tmp_path / "broken.nii.gz"
-    path.write_bytes(b"\x1f\x8b" + os.urandom(100))
+    path.write_bytes(b"\x1f\x8b" + np.random.default_rng(2).bytes(100))
     with pytest.raises(Quarantine):
         list(read_slices(path))
 
