@@ -298,3 +298,25 @@ def test_recipe_labels_become_cls_and_json(corpus, tmp_path, salt):
     assert got_cls == expected == got_json
     assert len(set(expected.values())) > 1  # the check can fail: labels differ across slices
     assert verify_shards(out) == []
+
+
+def test_fast_png_encoder_round_trips_through_pil():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from medssl.data.sample import decode_image
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 9), (7, 13), (256, 256)]:
+        image = rng.integers(0, 65536, shape, dtype=np.uint16)
+        image.flat[0] = 65535
+        png = shard_mod.encode_png16(image)
+        np.testing.assert_array_equal(decode_image(png)[0], image)
+        with Image.open(io.BytesIO(png)) as pil:  # PIL, the reference decoder
+            assert pil.mode.startswith("I;16") and not pil.info
+    strided = rng.integers(0, 65536, (40, 60), dtype=np.uint16)[::2, ::3]
+    np.testing.assert_array_equal(decode_image(shard_mod.encode_png16(strided))[0], strided)
+    flat = np.full((512, 512), 1234, np.uint16)
+    assert len(shard_mod.encode_png16(flat)) < 0.01 * flat.nbytes  # it does compress
