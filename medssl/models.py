@@ -180,7 +180,8 @@ def _model_in_chans(model: torch.nn.Module, default: int) -> int:
         first = first[0] if first else None
     if first:
         try:
-            return int(model.get_submodule(first).weight.shape[1] * getattr(model.get_submodule(first), "groups", 1))
+            conv = model.get_submodule(first)
+            return int(conv.weight.shape[1] * getattr(conv, "groups", 1))
         except (AttributeError, IndexError):
             pass
     return default

@@ -168,3 +168,33 @@ def test_bad_init_and_arch_are_clear_errors():
         create_backbone("resnet_nope", 3, "random")
     with pytest.raises(MedsslError, match="in_chans"):
         create_backbone("resnet18", 0, "random")
+
+
+def test_online_hub_download_is_used_and_its_failure_falls_back(offline, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("medssl.models.hub_online", lambda timeout_s=3.0: True)
+    torch.manual_seed(3)
+    reference = timm.create_model("resnet18")
+    path = tmp_path / "model.safetensors"
+    save_file(reference.state_dict(), str(path))
+    calls = []
+
+    def download(repo, filename, **kwargs):
+        calls.append((repo, filename))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model = create_backbone("resnet18", 3, "imagenet")
+    assert calls == [("timm/resnet18.a1_in1k", "model.safetensors")]
+    torch.testing.assert_close(model.conv1.weight, reference.conv1.weight)
+
+    def broken(repo, filename, **kwargs):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", broken)
+    with pytest.raises(WeightsUnavailable, match="Hub timm/resnet18.a1_in1k failed"):
+        create_backbone("resnet18", 3, "imagenet")
+    if _package_file() is not None:   # a failed download still finds the packaged weights
+        create_backbone("efficientnet_lite0", 3, "imagenet")

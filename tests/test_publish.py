@@ -330,3 +330,39 @@ def test_vit_with_img_size_and_brace_pattern(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), method.backbone(x))
         assert torch.equal(plain(x), method.backbone(x))
+
+
+def test_push_uploads_our_files_and_reports_failure_in_one_line(published, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    _, run, _, _ = published
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("medssl.publish.hub_online", lambda timeout_s=3.0: True)
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create", repo_id, kwargs.get("exist_ok")))
+            return type("Url", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload", kwargs["repo_id"], sorted(kwargs["allow_patterns"]),
+                          sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = tmp_path / "out"
+    assert publish_command(run, out, push_to_hub="org/model") == 0
+    assert calls[0] == ("create", "org/model", True)
+    assert calls[1][2] == ["README.md", "SHA256SUMS", "config.json", "model.safetensors"]
+    assert 'timm.create_model("hf-hub:org/model", pretrained=True)' in (out / "README.md").read_text()
+
+    class DeniedApi(FakeApi):
+        def create_repo(self, repo_id, **kwargs):
+            raise ConnectionError("401 Client Error: Unauthorized\nInvalid credentials")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", DeniedApi)
+    with pytest.raises(MedsslError, match="401 Client Error: Unauthorized\\)") as info:
+        publish_command(run, out, push_to_hub="org/model")
+    assert "\n" not in str(info.value)
+    verify_published(out)     # the local publish is complete even though the push failed
