@@ -71,7 +71,9 @@ def _loader():
     with muted_loggers("monai"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load = LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
-    return load, Orientation(axcodes="RAS")
+    # labels pinned: MONAI is moving the default to the MetaTensor's "space", and "RAS" here
+    # must keep meaning nibabel's RAS+ whatever that default becomes.
+    return load, Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
 
 
 def _load_ras(path: Path) -> tuple[np.ndarray, np.ndarray]:

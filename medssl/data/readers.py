@@ -63,6 +63,10 @@ class Quarantine(Exception):
         self.reason = reason
         self.message = message or reason
 
+    def __reduce__(self):
+        # Survive the trip back from a worker process with reason and message intact.
+        return (type(self), (self.reason, self.message))
+
 
 @contextmanager
 def muted_loggers(*names: str) -> Iterator[None]:
@@ -91,8 +95,14 @@ def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
     return _lower_name(path).endswith(suffixes)
 
 
+#: The progress journal an unfinished ``medssl shard`` run keeps in its folder (shard.py).
+SHARD_JOURNAL_NAME = ".progress.jsonl"
+
+
 def _is_shard_folder(folder: Path) -> bool:
-    """A folder ``medssl shard`` wrote (it holds our index.json), which must not be re-read."""
+    """A folder ``medssl shard`` wrote or is writing, which must not be read as input."""
+    if (folder / SHARD_JOURNAL_NAME).is_file():
+        return True
     index = folder / "index.json"
     if not index.is_file():
         return False

@@ -244,6 +244,9 @@ def test_discover_walks_sorted_skips_sidecars_and_outputs(tmp_path):
         (root / rel).write_bytes(b"x")
     (root / "shards" / "index.json").write_text('{"format": "medssl-shards/1"}')
     (root / "shards" / "train-000000.tar").write_bytes(b"x")
+    (root / "unfinished").mkdir()  # a shard run in progress: journal, no index yet
+    (root / "unfinished" / ".progress.jsonl").write_text("{}")
+    (root / "unfinished" / "train-000000.tar.tmp").write_bytes(b"x")
     explicit = tmp_path / "given.csv"
     explicit.write_text("a,b")
     found = discover([root, explicit, root / "b" / "img.png"])
@@ -252,6 +255,13 @@ def test_discover_walks_sorted_skips_sidecars_and_outputs(tmp_path):
     assert discover([root]) == discover([root])
     with pytest.raises(MedsslError):
         discover([tmp_path / "missing"])
+
+
+def test_quarantine_pickles_with_reason():
+    import pickle
+
+    q = pickle.loads(pickle.dumps(Quarantine("truncated", "pixel data has 1 of 2 bytes")))
+    assert (q.reason, q.message) == ("truncated", "pixel data has 1 of 2 bytes")
 
 
 def test_unknown_format_and_garbage_png_quarantined(tmp_path):
