@@ -320,3 +320,38 @@ def test_fast_png_encoder_round_trips_through_pil():
     np.testing.assert_array_equal(decode_image(shard_mod.encode_png16(strided))[0], strided)
     flat = np.full((512, 512), 1234, np.uint16)
     assert len(shard_mod.encode_png16(flat)) < 0.01 * flat.nbytes  # it does compress
+
+
+def test_recipe_rows_that_cannot_be_written_are_reported(corpus, tmp_path, salt):
+    rows = (corpus / "labels.csv").read_text().splitlines()
+    header, body = rows[0], rows[1:]
+    cols = header.split(",")
+    nodule = cols.index("nodule")
+
+    def with_nodule(line, value):
+        cells = line.split(",")
+        cells[nodule] = value
+        return ",".join(cells)
+
+    body = [with_nodule(body[0], "-1"), with_nodule(body[1], "-1"), *body[2:],
+            body[2].replace("IM0001.dcm", "IM9999.dcm")]
+    manifest = tmp_path / "labels_u.csv"
+    manifest.write_text("\n".join([header, *body]) + "\n")
+    recipe = tmp_path / "u.yaml"
+    recipe.write_text(
+        f"name: uncertain\nmanifest: {manifest}\nformat: csv\nroot: {corpus}\n"
+        "image_column: path\npatient_column: patient_id\n"
+        "labels: {type: multilabel, columns: [nodule, effusion], names: [nodule, effusion],"
+        " uncertain: ignore}\n")
+    out = tmp_path / "shards"
+    assert run_shard([corpus], out, salt, "--recipe", recipe) == 0
+    index = read_index(out)
+    assert index["inputs"]["seen"] == len(body)
+    assert index["inputs"]["quarantined_by_reason"] == {"missing_file": 1, "uncertain_label": 2}
+    assert sum(s["samples"] for s in index["splits"].values()) == len(body) - 3
+    report = [json.loads(x) for x in (tmp_path / "shards.report.jsonl").read_text().splitlines()]
+    assert [r.get("reason") for r in report[:2]] == ["uncertain_label"] * 2
+    assert report[-1]["outcome"] == "quarantined" and report[-1]["path"].endswith("IM9999.dcm")
+    labels = [json.loads(d)["label"] for _, n, d in members(out) if n.endswith(".json")]
+    assert all(isinstance(v, list) and len(v) == 2 for v in labels)
+    assert not any(n.endswith(".cls") for _, n, _ in members(out))  # multilabel: json only
