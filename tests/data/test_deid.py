@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from PIL import Image, PngImagePlugin
 from pydicom.data import get_testdata_file
+from pydicom.uid import ImplicitVRLittleEndian
 
 from medssl.data.deid import Pseudonymizer, load_or_create_salt, salt_id, sample_metadata
 from medssl.data.readers import Quarantine, read_slices
@@ -45,10 +46,15 @@ def _write_canary_dicom(tmp_path: Path, **extra) -> Path:
     ds.SeriesInstanceUID = "1.2.3.999.19020203"
     ds.BodyPartExamined = f"{CANARY} free"  # free text where a code belongs
     ds.add_new(0x00291010, "LO", f"{CANARY} private")
+    # Free text in numeric elements: written as LO, read back (implicit VR) as IS/DS, which
+    # makes pydicom warn and log, quoting the value.
+    ds.add_new(0x00200013, "LO", f"{CANARY}7")  # InstanceNumber
+    ds.add_new(0x00280030, "LO", f"{CANARY}\\0.5")  # PixelSpacing
     for key, value in extra.items():
         setattr(ds, key, value)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     path = tmp_path / "scan.dcm"
-    ds.save_as(path)
+    ds.save_as(path, enforce_file_format=True)
     return path
 
 
@@ -76,6 +82,7 @@ def test_dicom_canaries_never_reach_metadata_key_or_log(tmp_path, caplog):
         assert needle.lower() not in key.lower()
     _assert_clean(caplog.text)
     assert meta["body_part"] is None and meta["modality"] == "CT"
+    assert meta["slice_index"] is None and meta["pixel_spacing"] is None
     assert meta["patient"] == pseudo.patient(f"{CANARY}-ID")
     assert meta["study"] == pseudo.study("1.2.3.999.19020202")
     assert KEY_RE.fullmatch(key)
