@@ -166,6 +166,35 @@ def test_resume_after_interrupt_matches_uninterrupted(corpus, tmp_path, salt, mo
     assert not list(out.glob("*.tmp")) and not (out / ".progress.jsonl").exists()
 
 
+def test_resume_refuses_other_args_and_redoes_damaged_shards(corpus, tmp_path, salt, monkeypatch,
+                                                            capfd):
+    reference = tmp_path / "ref"
+    assert run_shard([corpus], reference, salt, "--shard-size", 2) == 0
+    out = tmp_path / "resumed"
+    real_close = shard_mod.SplitWriter.close
+    closed = []
+
+    def close_then_die(self):
+        real_close(self)
+        closed.append(1)
+        if len(closed) == 4:
+            raise Interrupt
+
+    monkeypatch.setattr(shard_mod.SplitWriter, "close", close_then_die)
+    with pytest.raises(Interrupt):
+        run_shard([corpus], out, salt, "--shard-size", 2)
+    monkeypatch.undo()
+    capfd.readouterr()
+    assert run_shard([corpus], out, salt, "--shard-size", 3) == 2
+    assert "different settings is in this folder (shard_size: 2 -> 3)" in capfd.readouterr().err
+    first = sorted(out.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes()[:-10] + b"x" * 10)  # damaged while we were away
+    (out / "train-000999.tar.tmp").write_bytes(b"partial")
+    assert run_shard([corpus], out, salt, "--shard-size", 2) == 0
+    assert shard_hashes(out) == shard_hashes(reference)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill(tmp_path, salt):
     corpus = tmp_path / "big"
@@ -180,7 +209,10 @@ def test_resume_after_sigkill(tmp_path, salt):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not list(out.glob("*-000001.tar")):
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, like a node failure
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, like a node failure
+    except ProcessLookupError:
+        pass
     proc.wait()
     assert not (out / "index.json").exists(), "the run finished before it could be killed"
     assert subprocess.run([*cmd, str(out)], capture_output=True).returncode == 0
