@@ -6,6 +6,7 @@ what to change. ``configs/finetune/*.yaml`` only override these defaults.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,6 +46,8 @@ class TaskConfig:
     path: str | None = None       # shards: folder with index.json
 
     def __post_init__(self) -> None:
+        self.root = os.path.expanduser(self.root) if self.root else self.root
+        self.path = os.path.expanduser(self.path) if self.path else self.path
         if self.kind == "medmnist":
             if self.flag is None:
                 self.flag = self.name or None
