@@ -59,7 +59,8 @@ FORMAT = "medssl-shards/1"
 #: Modality default display windows (center, width) in modality units, used when a slice has none.
 DEFAULT_WINDOWS = {"CT": (40.0, 400.0)}
 _FILES_PER_TASK = 4       # amortises inter-process overhead for one-slice DICOM files
-_TASKS_PER_WORKER = 3     # in-flight tasks per worker: keeps workers busy, bounds memory
+_TASKS_PER_WORKER = 2     # in-flight tasks per worker: keeps workers busy, bounds memory
+_VOLUME_SUFFIXES = (".nii", ".nii.gz")  # hundreds of slices each: one file per task
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,8 @@ def process_input(item: InputItem, job: Job) -> InputResult:
                                      allow_burned_in=job.allow_burned_in, max_side=job.max_side)
         for slice_no, sl in enumerate(slices):
             if item.slice is not None and slice_no != item.slice:
+                if slice_no > item.slice:
+                    break
                 continue
             modality = modality or sl.modality
             samples.append(encode_slice(sl, pseudo, item, slice_no, job))
@@ -233,18 +236,37 @@ def _process_chunk(items: list[InputItem], job: Job) -> list[InputResult]:
     return [process_input(item, job) for item in items]
 
 
+def _chunks(items: list[InputItem]) -> Iterator[list[InputItem]]:
+    """Consecutive runs of up to ``_FILES_PER_TASK`` files; a volume always travels alone."""
+    chunk: list[InputItem] = []
+    for item in items:
+        volume = item.path.lower().endswith(_VOLUME_SUFFIXES)
+        if chunk and (volume or len(chunk) >= _FILES_PER_TASK):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+        if volume:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def iter_results(items: list[InputItem], job: Job, workers: int) -> Iterator[InputResult]:
-    """Results in input order; at most ``workers * _TASKS_PER_WORKER`` chunks in flight."""
-    chunks = [items[i:i + _FILES_PER_TASK] for i in range(0, len(items), _FILES_PER_TASK)]
+    """Results in input order, with at most ``workers * _TASKS_PER_WORKER`` tasks in flight.
+
+    Memory is bounded by that window (a few files' encoded samples per worker), not by the
+    corpus: results are consumed first-in first-out, so a slow parent stalls submission.
+    """
+    chunks = _chunks(items)
     if workers <= 1:
         for chunk in chunks:
             yield from _process_chunk(chunk, job)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending: deque = deque()
-        todo = iter(chunks)
         try:
-            for chunk in todo:
+            for chunk in chunks:
                 pending.append(pool.submit(_process_chunk, chunk, job))
                 if len(pending) >= workers * _TASKS_PER_WORKER:
                     yield from pending.popleft().result()

@@ -387,3 +387,40 @@ def test_recipe_rows_that_cannot_be_written_are_reported(corpus, tmp_path, salt)
     labels = [json.loads(d)["label"] for _, n, d in members(out) if n.endswith(".json")]
     assert all(isinstance(v, list) and len(v) == 2 for v in labels)
     assert not any(n.endswith(".cls") for _, n, _ in members(out))  # multilabel: json only
+
+
+def test_in_flight_work_is_bounded_and_order_kept(monkeypatch):
+    from concurrent.futures import Future
+
+    job = shard_mod.Job(salt=b"s" * 32, fractions={"train": 1.0}, axis="axial",
+                        allow_burned_in=False, max_side=64)
+    state = {"outstanding": 0, "peak": 0}
+
+    class CountingFuture(Future):
+        def result(self, timeout=None):
+            state["outstanding"] -= 1
+            return super().result(timeout)
+
+    class FakePool:
+        def __init__(self, max_workers):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, chunk, job):
+            state["outstanding"] += 1
+            state["peak"] = max(state["peak"], state["outstanding"])
+            fut = CountingFuture()
+            fut.set_result([shard_mod.InputResult(it.index, "quarantined", reason="x")
+                            for it in chunk])
+            return fut
+
+    monkeypatch.setattr(shard_mod, "ProcessPoolExecutor", FakePool)
+    items = [shard_mod.InputItem(i, f"f{i}.dcm") for i in range(1000)]
+    got = [r.index for r in shard_mod.iter_results(items, job, workers=3)]
+    assert got == list(range(1000))
+    assert state["peak"] <= 3 * shard_mod._TASKS_PER_WORKER
