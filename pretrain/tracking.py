@@ -52,12 +52,12 @@ def start_wandb(mode: str, project: str, name: str | None, run_id: str | None, o
         return None
     import wandb
 
+    wandb_dir = Path(os.environ.get("WANDB_DIR") or output_dir)
     if mode == "online" and not _has_wandb_key():
         log.warning("logging.wandb=online but no WANDB_API_KEY or netrc entry: logging offline "
-                    "(sync later with `wandb sync %s/wandb`)", output_dir)
+                    "(sync later with `wandb sync %s/wandb/offline-run-*`)", wandb_dir)
         mode = "offline"
-    run_id = run_id or wandb.util.generate_id()
-    wandb_dir = Path(os.environ.get("WANDB_DIR") or output_dir)
     wandb_dir.mkdir(parents=True, exist_ok=True)
+    # run_id None: wandb makes one; the trainer stores run.id in every checkpoint.
     return wandb.init(project=project, name=name, id=run_id, resume="allow", mode=mode,
                       dir=str(wandb_dir), config=config)

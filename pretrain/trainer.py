@@ -144,7 +144,10 @@ def train(cfg: PretrainConfig) -> int:
     if ckpt is not None:
         _check_same_run(cfg, ckpt, latest)
 
-    accelerator = Accelerator(mixed_precision=_precision(cfg.train.precision))
+    # cpu=True when there is no accelerator: only then does accelerate (1.15) treat a torchrun
+    # launch on CPU as multi-process (gloo) instead of N independent single-process runs.
+    accelerator = Accelerator(mixed_precision=_precision(cfg.train.precision),
+                              cpu=not torch.accelerator.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     per_step = world * cfg.train.grad_accum
     if cfg.train.batch_size % per_step:
