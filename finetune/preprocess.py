@@ -29,22 +29,26 @@ class Preprocessor:
         self.std = torch.tensor(source.std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def __call__(self, split: Split, indices: np.ndarray) -> torch.Tensor:
-        images = [self._unit(split, int(i)) for i in indices]
-        out = []
-        for img in images:  # sources may differ in size, so resize one by one before stacking
-            t = torch.from_numpy(img)[None]
-            if t.shape[-1] != self.size or t.shape[-2] != self.size:
-                kwargs = {} if self.mode == "nearest" else {"align_corners": False, "antialias": True}
-                t = F.interpolate(t, size=(self.size, self.size), mode=self.mode, **kwargs)
-            out.append(t)
-        batch = torch.cat(out).clamp_(0, 1)
-        batch = _match_channels(batch, self.source.in_chans)
+        if isinstance(split.images, np.ndarray):  # MedMNIST [N, H, W, C] uint8: one batched op
+            batch = torch.from_numpy(split.images[np.asarray(indices)]).permute(0, 3, 1, 2).float() / 255.0
+            batch = self._resize(batch)
+        else:
+            images = [torch.from_numpy(self._unit(split, int(i)))[None] for i in indices]
+            if len({tuple(t.shape) for t in images}) == 1:
+                batch = self._resize(torch.cat(images))
+            else:  # sources of different sizes: resize one by one before stacking
+                batch = torch.cat([self._resize(t) for t in images])
+        batch = _match_channels(batch.clamp_(0, 1), self.source.in_chans)
         return (batch - self.mean) / self.std
 
+    def _resize(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[-1] == self.size and batch.shape[-2] == self.size:
+            return batch
+        kwargs = {} if self.mode == "nearest" else {"align_corners": False, "antialias": True}
+        return F.interpolate(batch, size=(self.size, self.size), mode=self.mode, **kwargs)
+
     def _unit(self, split: Split, i: int) -> np.ndarray:
-        """Sample ``i`` as float32 ``[C, H, W]`` in [0, 1]."""
-        if isinstance(split.images, np.ndarray):  # MedMNIST [N, H, W, C] uint8
-            return np.ascontiguousarray(split.images[i].transpose(2, 0, 1), dtype=np.float32) / 255.0
+        """Shard sample ``i`` as float32 ``[C, H, W]`` in [0, 1]."""
         img = split.images[i]
         if img.dtype == np.uint8:
             return img.astype(np.float32) / 255.0

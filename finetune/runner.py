@@ -129,7 +129,10 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
                                    fraction=fraction, seed=seed)
                     cells.append((protocol, fraction, seed, key))
         todo = [c for c in cells if c[3] not in store]
-        rows += [store.rows[c[3]] for c in cells if c[3] in store]
+        # A reused cell takes this run's names: a renamed task or a moved ssl dir with the same
+        # SHA256SUMS is the same cell.
+        rows += [dict(store.rows[c[3]], task=task.name, init=init, init_label=display_name(init))
+                 for c in cells if c[3] in store]
         if not todo:
             continue
         log.info("%s / %s: %d cells to run, %d already finished", task.name, display_name(init),

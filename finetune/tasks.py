@@ -49,7 +49,8 @@ class TaskData:
     channels: int          # 1 or 3
     source: str            # "medmnist" | "grayscale-shards" | "rgb-shards"
     splits: dict[str, Split] = field(default_factory=dict)
-    #: What changes the task's meaning (file checksum-free but size/count sensitive), for cell keys.
+    #: What defines the task's data, for cell keys (MedMNIST: flag, size and split sizes, as the
+    #: official files are fixed; shards: every shard's sha256 from index.json).
     fingerprint: dict = field(default_factory=dict)
 
     @property
@@ -142,7 +143,8 @@ def _load_shards(cfg: TaskConfig) -> TaskData:
     return TaskData(
         name=cfg.name, task=SHARD_TASK_TYPES[kind], n_classes=n_classes, channels=int(channels or 1),
         source="grayscale-shards" if channels == 1 else "rgb-shards", splits=splits,
-        fingerprint={"kind": "shards", "path": str(root.resolve()),
+        # Content, not location: a moved shard folder keeps its finished cells.
+        fingerprint={"kind": "shards",
                      "shards": sorted((k, v.get("sha256")) for k, v in index.get("shards", {}).items())},
     )
 

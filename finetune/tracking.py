@@ -7,6 +7,7 @@ The run id is kept in ``<output_dir>/wandb_id.txt`` so a resumed benchmark conti
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 
 from finetune.config import FinetuneRunConfig
@@ -23,7 +24,7 @@ class Tracker:
         import wandb
 
         id_file = out / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb, dir=str(out),
                               id=run_id, resume="allow", config=to_dict(cfg), job_type="finetune")
