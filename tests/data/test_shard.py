@@ -70,7 +70,7 @@ def test_synthetic_corpus_end_to_end(corpus, tmp_path, salt, capfd):
     assert sum(s["samples"] for s in index["shards"].values()) == n
     assert index["modalities"] == {"CT": n}
     assert index["config"]["salt_id"] and bytes(range(32)).hex() not in json.dumps(index)
-    assert index["created"] == str(time.gmtime().tm_year) or len(index["created"]) == 4
+    assert re.fullmatch(r"\d{4}", index["created"])  # the year, no finer date
     # patients: disjoint, all counted, fractions roughly kept (binomial, n=12: sd ~1.5)
     assert sum(s["patients"] for s in index["splits"].values()) == PATIENTS
     for name, fraction in (("train", 0.5), ("val", 0.25), ("test", 0.25)):
@@ -93,8 +93,7 @@ def test_synthetic_corpus_end_to_end(corpus, tmp_path, salt, capfd):
             meta = json.loads(data)
             assert set(meta) <= set(SAMPLE_META_KEYS)
             assert meta["intensity"]["unit"] == "HU" and meta["intensity"]["slope"] == 1.0
-            assert meta["window"] == {"center": pytest.approx(meta["window"]["center"]),
-                                      "width": pytest.approx(meta["window"]["width"])}
+            assert meta["window"]["width"] > 0 and meta["patient"] == key[:18]
     assert len(seen_keys) == n
     # canaries: no fake name, MRN, date, UID or folder name in the folder or the logs
     blob = b"".join(p.read_bytes() for p in sorted(out.iterdir()))
