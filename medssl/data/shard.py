@@ -111,7 +111,7 @@ class InputResult:
     index: int
     outcome: str                    # "written" | "quarantined"
     reason: str | None = None
-    detail: str | None = None       # exception text for unexpected errors; report only
+    detail: str | None = None       # exception class of an unexpected error; report only
     samples: list[Encoded] = field(default_factory=list)
     modality: str | None = None
 
@@ -224,8 +224,10 @@ def process_input(item: InputItem, job: Job) -> InputResult:
     except MedsslError:
         raise
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"[:300]
-        return InputResult(item.index, "quarantined", reason="read_error", detail=detail)
+        # Class name only, like the readers: exception text can quote header values, and the
+        # report must not carry what a scan's header holds.
+        return InputResult(item.index, "quarantined", reason="read_error",
+                           detail=type(exc).__name__)
     if not samples:
         reason = "no_images" if item.slice is None else "slice_out_of_range"
         return InputResult(item.index, "quarantined", reason=reason)

@@ -287,15 +287,19 @@ def test_file_failing_midway_is_quarantined_whole(monkeypatch, tmp_path, salt):
         yield Slice(pixels=np.zeros((8, 8), np.int16), patient_id="x", source=str(path))
         if Path(path).name == "b.dcm":
             raise readers.Quarantine("truncated", "frame 2")
+        if Path(path).name == "c.dcm":  # a bug outside the readers' own handling
+            raise ValueError("header says Doe^Jane")
         yield Slice(pixels=np.ones((8, 8), np.int16), patient_id="x", source=str(path))
 
     monkeypatch.setattr(readers, "read_slices", fake_read)
-    for name in ("a.dcm", "b.dcm"):
+    for name in ("a.dcm", "b.dcm", "c.dcm"):
         (tmp_path / name).write_bytes(b"x")
     out = tmp_path / "shards"
-    assert run_shard([tmp_path / "a.dcm", tmp_path / "b.dcm"], out, salt) == 0
+    assert run_shard([tmp_path / n for n in ("a.dcm", "b.dcm", "c.dcm")], out, salt) == 0
     index = read_index(out)
-    assert index["inputs"]["quarantined_by_reason"] == {"truncated": 1}
+    assert index["inputs"]["quarantined_by_reason"] == {"read_error": 1, "truncated": 1}
+    report = (tmp_path / "shards.report.jsonl").read_text()
+    assert '"detail": "ValueError"' in report and "Doe" not in report
     assert sum(s["samples"] for s in index["splits"].values()) == 2  # a.dcm's two, none of b
     assert index["modalities"] == {"unknown": 1}
 
