@@ -27,15 +27,12 @@ arguments it is refused rather than mixed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import hmac
 import json
 import logging
 import os
-import struct
-import zlib
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -45,17 +42,14 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from medssl import __version__
 from medssl.data import sample as sample_mod
-from medssl.data.shards import file_sha256
+from medssl.data.journal import JOURNAL_NAME, build_index, config_change, open_journal
+from medssl.data.shards import INDEX_NAME, file_sha256
 from medssl.data.splits import assign_split, parse_splits
 from medssl.errors import ConfigError, MedsslError
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-JOURNAL_NAME = ".progress.jsonl"
-FORMAT = "medssl-shards/1"
 #: Modality default display windows (center, width) in modality units, used when a slice has none.
 DEFAULT_WINDOWS = {"CT": (40.0, 400.0)}
 _FILES_PER_TASK = 4       # amortises inter-process overhead for one-slice DICOM files
@@ -138,36 +132,6 @@ def default_window(pixels: np.ndarray, modality: str | None) -> tuple[float, flo
     return float((lo + hi) / 2.0), float(max(hi - lo, 1e-6))
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def encode_png16(image: np.ndarray) -> bytes:
-    """PNG bytes of a uint16 ``[H, W]`` image: "Up" filter on every row, run-length deflate,
-    no ancillary (text) chunks. Decodes with PIL to the same array (``sample.decode_image``).
-
-    Written by hand because ingestion is PNG-bound and PIL's encoder always runs adaptive
-    filtering (tries several filters per row) and offers no deflate strategy: on a 512x512 CT
-    slice PIL at compress_level=1 spent 13.7 ms of CPU, this 4.7 ms, for a file ~1% smaller
-    (Z_RLE suits filtered CT rows: long runs of near-zero differences). That is most of the
-    gap between ~68 and 100+ slices/s per worker (benchmarks/ingest.py).
-    """
-    if image.dtype != np.uint16 or image.ndim != 2:
-        raise ValueError(f"expected uint16 [H, W], got {image.dtype} {image.shape}")
-    h, w = image.shape
-    raw = np.ascontiguousarray(image, dtype=">u2").view(np.uint8).reshape(h, 2 * w)
-    rows = np.empty((h, 2 * w + 1), np.uint8)
-    rows[:, 0] = 2            # filter type Up: byte minus the byte above, mod 256
-    rows[0, 0] = 0            # the first row has nothing above it
-    rows[0, 1:] = raw[0]
-    np.subtract(raw[1:], raw[:-1], out=rows[1:, 1:])
-    header = struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)  # 16-bit grayscale, no interlace
-    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-            + _png_chunk(b"IDAT", deflate.compress(rows.tobytes()) + deflate.flush())
-            + _png_chunk(b"IEND", b""))
-
-
 def encode_slice(sl: sample_mod.Slice, pseudo, item: InputItem, slice_no: int, job: Job) -> Encoded:
     """De-identify and encode one slice (the hot path: one PNG encode per slice)."""
     from medssl.data import deid
@@ -194,7 +158,7 @@ def encode_slice(sl: sample_mod.Slice, pseudo, item: InputItem, slice_no: int, j
     label = meta.get("label")
     cls = str(label).encode("ascii") if isinstance(label, int) else None
     key = pseudo.sample_key(patient, item.identity, slice_no)
-    png = encode_png16(stored) if stored.ndim == 2 else sample_mod.encode_png(stored)
+    png = sample_mod.encode_png(stored)
     return Encoded(key=key, png=png,
                    meta=json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
                    cls=cls, split=split, patient=patient)
@@ -386,160 +350,6 @@ def report_path(args: argparse.Namespace) -> Path:
     return path
 
 
-class Journal:
-    """``.progress.jsonl`` in the shard folder: the config, completed shards, finished inputs.
-
-    Holds pseudonyms and counts only -- never a path -- so it is harmless if copied along.
-    """
-
-    def __init__(self, path: Path, config: dict) -> None:
-        self.path = path
-        self.config = config
-        self.shards: list[dict] = []
-        self.entries: list[dict] = []
-        self._file = None
-
-    def rewrite(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in [{"config": self.config}, *self.shards, *self.entries]:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
-
-    def _append(self, record: dict) -> None:
-        self._file.write(json.dumps(record, sort_keys=True) + "\n")
-        self._file.flush()
-
-    def add_shard(self, name: str, split: str, samples: int, sha256: str) -> None:
-        record = {"shard": name, "split": split, "samples": samples, "sha256": sha256}
-        self.shards.append(record)
-        self._append(record)
-
-    def add_input(self, result: InputResult) -> dict:
-        samples: Counter = Counter(enc.split for enc in result.samples)
-        patients: dict[str, list[str]] = {}
-        for enc in result.samples:
-            if enc.patient not in patients.setdefault(enc.split, []):
-                patients[enc.split].append(enc.patient)
-        entry = {"input": result.index, "outcome": result.outcome, "reason": result.reason,
-                 "samples": dict(samples), "patients": patients, "modality": result.modality}
-        self.entries.append(entry)
-        self._append(entry)
-        return entry
-
-    def close(self, delete: bool = False) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if delete:
-            self.path.unlink(missing_ok=True)
-
-
-def _config_change(old: dict | None, new: dict) -> str | None:
-    """A short description of how two sharding configs differ, or None when equal."""
-    old = json.loads(json.dumps(old or {}))
-    new = json.loads(json.dumps(new))
-    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "inputs" else
-                     "the input files differ" for k in diffs) or None
-
-
-def open_journal(out: Path, config: dict, n_inputs: int) -> tuple[Journal, int, dict]:
-    """Load or start the journal; drop incomplete work; return (journal, restart input, splits).
-
-    ``splits`` maps split -> (next shard number, samples already in kept shards, split-index of
-    the restart input's first sample).
-    """
-    journal = Journal(out / JOURNAL_NAME, config)
-    stray = sorted(p.name for p in out.iterdir() if p.name.endswith((".tar", ".tar.tmp")))
-    if not journal.path.exists():
-        if stray:
-            raise MedsslError(f"{out}: holds shards ({stray[0]}, ...) but no {INDEX_NAME} or "
-                              "progress journal; use a new --out folder or empty this one")
-        journal.rewrite()
-        return journal, 0, {}
-    records = []
-    for line in journal.path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by the interruption; everything after it is redone
-    if not records or "config" not in records[0]:
-        raise MedsslError(f"{journal.path}: progress journal is damaged; delete {out} and re-run")
-    change = _config_change(records[0]["config"], config)
-    if change:
-        raise MedsslError(f"{out}: an interrupted run with different settings is in this folder "
-                          f"({change}); re-run with its arguments, or use a new --out folder")
-    # Keep, per split, the contiguous run of recorded shards that still hash correctly.
-    kept: dict[str, list[dict]] = {}
-    broken: set[str] = set()
-    for rec in (r for r in records if "shard" in r):
-        split_shards = kept.setdefault(rec["split"], [])
-        path = out / rec["shard"]
-        expected = f"{rec['split']}-{len(split_shards):06d}.tar"
-        if (rec["split"] not in broken and rec["shard"] == expected and path.exists()
-                and file_sha256(path) == rec["sha256"]):
-            split_shards.append(rec)
-        else:
-            broken.add(rec["split"])  # later shards of this split are rewritten too
-    journal.shards = [rec for recs in kept.values() for rec in recs]
-    keep_names = {rec["shard"] for rec in journal.shards}
-    for name in stray:
-        if name not in keep_names:
-            (out / name).unlink()
-    capacity = {s: sum(r["samples"] for r in recs) for s, recs in kept.items()}
-    cumulative: Counter = Counter()
-    restart = 0
-    for entry in (r for r in records if "input" in r):
-        if entry["input"] != restart or restart >= n_inputs:
-            break
-        if any(cumulative[s] + n > capacity.get(s, 0) for s, n in entry["samples"].items()):
-            break
-        journal.entries.append(entry)
-        cumulative.update(entry["samples"])
-        restart += 1
-    journal.rewrite()
-    splits = {s: (len(kept.get(s, [])), capacity.get(s, 0), cumulative[s])
-              for s in set(capacity) | set(cumulative)}
-    log.info("resuming: %d of %d inputs and %d shards kept from the interrupted run",
-             restart, n_inputs, len(journal.shards))
-    return journal, restart, splits
-
-
-def build_index(journal: Journal, n_inputs: int, fractions: dict, labels: dict | None) -> dict:
-    """index.json's content (docs/internals.md) from the journal: counts, hashes, config."""
-    samples: Counter = Counter()
-    patients: dict[str, set] = {s: set() for s in fractions}
-    for entry in journal.entries:
-        samples.update(entry["samples"])
-        for split, pseudos in entry["patients"].items():
-            patients.setdefault(split, set()).update(pseudos)
-    in_shards: Counter = Counter()
-    for rec in journal.shards:
-        in_shards[rec["split"]] += rec["samples"]
-    if +in_shards != +samples:  # the journal and the files disagree: never publish that
-        raise RuntimeError(f"shard counts {dict(in_shards)} != input counts {dict(samples)}")
-    outcomes = Counter(e["outcome"] for e in journal.entries)
-    reasons = Counter(e["reason"] for e in journal.entries if e["outcome"] == "quarantined")
-    modalities = Counter(e["modality"] or "unknown" for e in journal.entries
-                         if e["outcome"] == "written")
-    return {
-        "format": FORMAT,
-        "medssl_version": __version__,
-        "created": str(datetime.date.today().year),
-        "shards": {r["shard"]: {"split": r["split"], "samples": r["samples"], "sha256": r["sha256"]}
-                   for r in sorted(journal.shards, key=lambda r: r["shard"])},
-        "splits": {s: {"samples": samples[s], "patients": len(patients[s])} for s in patients},
-        "inputs": {"seen": n_inputs, "written": outcomes["written"],
-                   "quarantined": outcomes["quarantined"],
-                   "quarantined_by_reason": dict(sorted(reasons.items()))},
-        "labels": labels,
-        "config": journal.config,
-        "modalities": dict(sorted(modalities.items())),
-    }
-
-
 def _report_line(item: InputItem, entry: dict, detail: str | None = None) -> str:
     line: dict = {"path": item.path, "outcome": entry["outcome"]}
     if entry["outcome"] == "written":
@@ -591,7 +401,7 @@ def shard_command(args: argparse.Namespace) -> int:
     index_file = out / INDEX_NAME
     if index_file.exists():
         index = json.loads(index_file.read_text(encoding="utf-8"))
-        change = _config_change(index.get("config"), config)
+        change = config_change(index.get("config"), config)
         if change:
             raise MedsslError(f"{out}: already holds finished shards made with different settings "
                               f"({change}); use a new --out folder or delete this one")

@@ -17,6 +17,8 @@ import pydicom
 import pytest
 
 from medssl.cli import main
+from medssl.data import journal as journal_mod
+from medssl.data import sample as sample_mod
 from medssl.data import shard as shard_mod
 from medssl.data.sample import SAMPLE_META_KEYS
 from medssl.data.shards import file_sha256, read_index
@@ -143,7 +145,7 @@ def test_resume_after_interrupt_matches_uninterrupted(corpus, tmp_path, salt, mo
     reference = tmp_path / "ref"
     assert run_shard([corpus], reference, salt, "--shard-size", 2) == 0
     out = tmp_path / "resumed"
-    real_add_shard = shard_mod.Journal.add_shard
+    real_add_shard = journal_mod.Journal.add_shard
     calls = []
 
     def add_shard_then_die(self, *args):
@@ -152,7 +154,7 @@ def test_resume_after_interrupt_matches_uninterrupted(corpus, tmp_path, salt, mo
         if len(calls) == 3:
             raise Interrupt
 
-    monkeypatch.setattr(shard_mod.Journal, "add_shard", add_shard_then_die)
+    monkeypatch.setattr(journal_mod.Journal, "add_shard", add_shard_then_die)
     with pytest.raises(Interrupt):
         run_shard([corpus], out, salt, "--shard-size", 2)
     monkeypatch.undo()
@@ -347,14 +349,14 @@ def test_fast_png_encoder_round_trips_through_pil():
     for shape in [(1, 1), (1, 9), (7, 13), (256, 256)]:
         image = rng.integers(0, 65536, shape, dtype=np.uint16)
         image.flat[0] = 65535
-        png = shard_mod.encode_png16(image)
+        png = sample_mod.encode_png16(image)
         np.testing.assert_array_equal(decode_image(png)[0], image)
         with Image.open(io.BytesIO(png)) as pil:  # PIL, the reference decoder
             assert pil.mode.startswith("I;16") and not pil.info
     strided = rng.integers(0, 65536, (40, 60), dtype=np.uint16)[::2, ::3]
-    np.testing.assert_array_equal(decode_image(shard_mod.encode_png16(strided))[0], strided)
+    np.testing.assert_array_equal(decode_image(sample_mod.encode_png16(strided))[0], strided)
     flat = np.full((512, 512), 1234, np.uint16)
-    assert len(shard_mod.encode_png16(flat)) < 0.01 * flat.nbytes  # it does compress
+    assert len(sample_mod.encode_png16(flat)) < 0.01 * flat.nbytes  # it does compress
 
 
 def test_recipe_rows_that_cannot_be_written_are_reported(corpus, tmp_path, salt):

@@ -1,0 +1,183 @@
+"""The shard folder's progress journal and index: what makes ``medssl shard`` resumable.
+
+``.progress.jsonl`` records the sharding config, every completed shard (name, split, count,
+sha256) and every finished input (outcome, per-split counts and patient pseudonyms -- never a
+path). ``open_journal`` turns an interrupted folder back into a restart point; ``build_index``
+turns a finished journal into index.json. See ``medssl.data.shard`` for the whole scheme.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from medssl import __version__
+from medssl.data.shards import INDEX_NAME, file_sha256
+from medssl.errors import MedsslError
+
+if TYPE_CHECKING:
+    from medssl.data.shard import InputResult
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = ".progress.jsonl"
+FORMAT = "medssl-shards/1"
+
+
+class Journal:
+    """``.progress.jsonl`` in the shard folder: the config, completed shards, finished inputs.
+
+    Holds pseudonyms and counts only -- never a path -- so it is harmless if copied along.
+    """
+
+    def __init__(self, path: Path, config: dict) -> None:
+        self.path = path
+        self.config = config
+        self.shards: list[dict] = []
+        self.entries: list[dict] = []
+        self._file = None
+
+    def rewrite(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in [{"config": self.config}, *self.shards, *self.entries]:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _append(self, record: dict) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def add_shard(self, name: str, split: str, samples: int, sha256: str) -> None:
+        record = {"shard": name, "split": split, "samples": samples, "sha256": sha256}
+        self.shards.append(record)
+        self._append(record)
+
+    def add_input(self, result: InputResult) -> dict:
+        samples: Counter = Counter(enc.split for enc in result.samples)
+        patients: dict[str, list[str]] = {}
+        for enc in result.samples:
+            if enc.patient not in patients.setdefault(enc.split, []):
+                patients[enc.split].append(enc.patient)
+        entry = {"input": result.index, "outcome": result.outcome, "reason": result.reason,
+                 "samples": dict(samples), "patients": patients, "modality": result.modality}
+        self.entries.append(entry)
+        self._append(entry)
+        return entry
+
+    def close(self, delete: bool = False) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if delete:
+            self.path.unlink(missing_ok=True)
+
+
+def config_change(old: dict | None, new: dict) -> str | None:
+    """A short description of how two sharding configs differ, or None when equal."""
+    old = json.loads(json.dumps(old or {}))
+    new = json.loads(json.dumps(new))
+    diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "inputs" else
+                     "the input files differ" for k in diffs) or None
+
+
+def open_journal(out: Path, config: dict, n_inputs: int) -> tuple[Journal, int, dict]:
+    """Load or start the journal; drop incomplete work; return (journal, restart input, splits).
+
+    ``splits`` maps split -> (next shard number, samples already in kept shards, split-index of
+    the restart input's first sample).
+    """
+    journal = Journal(out / JOURNAL_NAME, config)
+    stray = sorted(p.name for p in out.iterdir() if p.name.endswith((".tar", ".tar.tmp")))
+    if not journal.path.exists():
+        if stray:
+            raise MedsslError(f"{out}: holds shards ({stray[0]}, ...) but no {INDEX_NAME} or "
+                              "progress journal; use a new --out folder or empty this one")
+        journal.rewrite()
+        return journal, 0, {}
+    records = []
+    for line in journal.path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by the interruption; everything after it is redone
+    if not records or "config" not in records[0]:
+        raise MedsslError(f"{journal.path}: progress journal is damaged; delete {out} and re-run")
+    change = config_change(records[0]["config"], config)
+    if change:
+        raise MedsslError(f"{out}: an interrupted run with different settings is in this folder "
+                          f"({change}); re-run with its arguments, or use a new --out folder")
+    # Keep, per split, the contiguous run of recorded shards that still hash correctly.
+    kept: dict[str, list[dict]] = {}
+    broken: set[str] = set()
+    for rec in (r for r in records if "shard" in r):
+        split_shards = kept.setdefault(rec["split"], [])
+        path = out / rec["shard"]
+        expected = f"{rec['split']}-{len(split_shards):06d}.tar"
+        if (rec["split"] not in broken and rec["shard"] == expected and path.exists()
+                and file_sha256(path) == rec["sha256"]):
+            split_shards.append(rec)
+        else:
+            broken.add(rec["split"])  # later shards of this split are rewritten too
+    journal.shards = [rec for recs in kept.values() for rec in recs]
+    keep_names = {rec["shard"] for rec in journal.shards}
+    for name in stray:
+        if name not in keep_names:
+            (out / name).unlink()
+    capacity = {s: sum(r["samples"] for r in recs) for s, recs in kept.items()}
+    cumulative: Counter = Counter()
+    restart = 0
+    for entry in (r for r in records if "input" in r):
+        if entry["input"] != restart or restart >= n_inputs:
+            break
+        if any(cumulative[s] + n > capacity.get(s, 0) for s, n in entry["samples"].items()):
+            break
+        journal.entries.append(entry)
+        cumulative.update(entry["samples"])
+        restart += 1
+    journal.rewrite()
+    splits = {s: (len(kept.get(s, [])), capacity.get(s, 0), cumulative[s])
+              for s in set(capacity) | set(cumulative)}
+    log.info("resuming: %d of %d inputs and %d shards kept from the interrupted run",
+             restart, n_inputs, len(journal.shards))
+    return journal, restart, splits
+
+
+def build_index(journal: Journal, n_inputs: int, fractions: dict, labels: dict | None) -> dict:
+    """index.json's content (docs/internals.md) from the journal: counts, hashes, config."""
+    samples: Counter = Counter()
+    patients: dict[str, set] = {s: set() for s in fractions}
+    for entry in journal.entries:
+        samples.update(entry["samples"])
+        for split, pseudos in entry["patients"].items():
+            patients.setdefault(split, set()).update(pseudos)
+    in_shards: Counter = Counter()
+    for rec in journal.shards:
+        in_shards[rec["split"]] += rec["samples"]
+    if +in_shards != +samples:  # the journal and the files disagree: never publish that
+        raise RuntimeError(f"shard counts {dict(in_shards)} != input counts {dict(samples)}")
+    outcomes = Counter(e["outcome"] for e in journal.entries)
+    reasons = Counter(e["reason"] for e in journal.entries if e["outcome"] == "quarantined")
+    modalities = Counter(e["modality"] or "unknown" for e in journal.entries
+                         if e["outcome"] == "written")
+    return {
+        "format": FORMAT,
+        "medssl_version": __version__,
+        "created": str(datetime.date.today().year),
+        "shards": {r["shard"]: {"split": r["split"], "samples": r["samples"], "sha256": r["sha256"]}
+                   for r in sorted(journal.shards, key=lambda r: r["shard"])},
+        "splits": {s: {"samples": samples[s], "patients": len(patients[s])} for s in patients},
+        "inputs": {"seen": n_inputs, "written": outcomes["written"],
+                   "quarantined": outcomes["quarantined"],
+                   "quarantined_by_reason": dict(sorted(reasons.items()))},
+        "labels": labels,
+        "config": journal.config,
+        "modalities": dict(sorted(modalities.items())),
+    }
