@@ -51,13 +51,17 @@ def test_warning_signal_requeues_and_resumes_to_identical_weights(
     script = str(REPO / "slurm" / "pretrain.sbatch")
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "preempted"
     ref_log, run_log = tmp_path / "uninterrupted.out", tmp_path / "preempted.out"
-    ref_job = run_job = ""
+    gone_dir, gone_log = tmp_path / "cancelled", tmp_path / "cancelled.out"
+    ref_job = run_job = gone_job = ""
     try:
         # The sleep changes timing only, never the numbers, so the reference runs at full speed.
         ref_job = sbatch([f"--output={ref_log}", script, config, *overrides, f"output_dir={ref_dir}"],
                          cwd=tmp_path)
         run_job = sbatch([f"--output={run_log}", script, config, *overrides, f"output_dir={run_dir}",
                           f"debug.step_sleep={STEP_SLEEP}"], cwd=tmp_path)
+        # A cancelled job must stay cancelled, although its trainer also exits 75 on SIGTERM.
+        gone_job = sbatch([f"--output={gone_log}", script, config, *overrides, f"output_dir={gone_dir}",
+                           f"debug.step_sleep={STEP_SLEEP}"], cwd=tmp_path)
 
         def log_tail(path: Path = run_log) -> str:
             return path.read_text()[-4000:] if path.exists() else f"(no {path.name})"
@@ -72,6 +76,9 @@ def test_warning_signal_requeues_and_resumes_to_identical_weights(
 
         wait_for(mid_run, 180, "the first checkpoint of the job to be preempted", on_timeout=log_tail)
         subprocess.run(["scancel", "--signal=USR1", "--batch", run_job], check=True, timeout=30)
+        wait_for(lambda: (gone_dir / "checkpoints" / "latest.txt").exists(), 120,
+                 "the first checkpoint of the job to be cancelled", on_timeout=lambda: log_tail(gone_log))
+        subprocess.run(["scancel", gone_job], check=True, timeout=30)
 
         # The job checkpoints, exits 75 and requeues itself: pending with a begin time.
         # (Right after the requeue the reason can read None until the scheduler looks at it.)
@@ -88,8 +95,15 @@ def test_warning_signal_requeues_and_resumes_to_identical_weights(
             wait_for(lambda job=job: job_fields(job).get("JobState") in FINISHED, 240,
                      f"job {job} to finish", on_timeout=lambda log=log: log_tail(log))
             assert job_fields(job)["JobState"] == "COMPLETED", log_tail(log)
+        wait_for(lambda: job_fields(gone_job).get("JobState") in FINISHED, 60, "the cancelled job to end",
+                 on_timeout=lambda: log_tail(gone_log))
+        gone_log_text = wait_for(lambda: "not requeueing" in gone_log.read_text() and gone_log.read_text(),
+                                 60, "the cancelled job's last words", on_timeout=lambda: log_tail(gone_log))
+        gone = job_fields(gone_job)
+        assert (gone["JobState"], gone["Restarts"]) == ("CANCELLED", "0"), gone_log_text
+        assert "requeueing job" not in gone_log_text
     finally:
-        cancel(ref_job, run_job)
+        cancel(ref_job, run_job, gone_job)
 
     text = run_log.read_text()
     assert "got SIGUSR1" in text and "requeueing job" in text
