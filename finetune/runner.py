@@ -89,7 +89,7 @@ def run_suite(cfg: FinetuneRunConfig) -> dict:
     tasks_info: dict[str, dict] = {}
     try:
         for task_cfg in cfg.tasks:
-            task = load_task(task_cfg)
+            task = load_task(task_cfg, side=cfg.input_size)
             tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS}}
             task_rows = _run_task(cfg, task_cfg, task, store, tracker, device)
             scores = {r["key"]: store.scores(r["key"]) for r in task_rows if r["status"] == "ok"}

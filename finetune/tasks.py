@@ -58,11 +58,17 @@ class TaskData:
         return self.task == "multi-label, binary-class"
 
 
-def load_task(cfg: TaskConfig) -> TaskData:
-    """Load all three splits of a task into memory; raises MedsslError naming the missing file."""
+def load_task(cfg: TaskConfig, side: int | None = None) -> TaskData:
+    """Load all three splits of a task into memory; raises MedsslError naming the missing file.
+
+    ``side``: shard images larger than ``side`` px are shrunk to ``side x side`` on the way in
+    (antialiased, at their stored dtype), so a CheXpert-sized task holds N x side^2 x 2 bytes
+    instead of its full-resolution slices. The stored-value -> modality-unit map is affine, so
+    resizing before windowing equals resizing after it, up to the clip at the window edges.
+    """
     if cfg.kind == "medmnist":
         return _load_medmnist(cfg)
-    return _load_shards(cfg)
+    return _load_shards(cfg, side)
 
 
 def _load_medmnist(cfg: TaskConfig) -> TaskData:
@@ -101,7 +107,20 @@ def _load_medmnist(cfg: TaskConfig) -> TaskData:
     )
 
 
-def _load_shards(cfg: TaskConfig) -> TaskData:
+def _shrink(image: np.ndarray, side: int | None) -> np.ndarray:
+    """``[C, H, W]`` uint8/uint16 -> ``[C, side, side]`` same dtype, when larger than ``side``."""
+    if side is None or (image.shape[1] <= side and image.shape[2] <= side):
+        return image
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(image.astype(np.float32))[None]
+    t = F.interpolate(t, size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0]
+    info = np.iinfo(image.dtype)
+    return t.round().clamp(info.min, info.max).numpy().astype(image.dtype)
+
+
+def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
     root = Path(cfg.path)
     index = _read_index(root)
     labels_info = index.get("labels")
@@ -119,7 +138,7 @@ def _load_shards(cfg: TaskConfig) -> TaskData:
         for _key, image, meta in _iter_split(root, split):
             if meta.get("label") is None:
                 raise MedsslError(f"tasks: {cfg.name}: a {split} sample in {root} has no label")
-            images.append(image)
+            images.append(_shrink(image, side))
             lab = meta["label"]
             labels.append(list(lab) if kind == "multilabel" else [int(lab)])
             patients.append(str(meta.get("patient") or ""))

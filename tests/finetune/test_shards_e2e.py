@@ -45,6 +45,10 @@ def test_shard_task_loading_and_windowing(tmp_path):
     from finetune.inits import InitSource
     from finetune.preprocess import Preprocessor
 
+    small = load_task(TaskConfig(name="ml", kind="shards", path=str(folder)), side=16)
+    img = small.splits["train"].images[0]
+    assert img.shape == (1, 16, 16) and img.dtype == np.uint16  # shrunk on load, dtype kept
+    assert abs(float(img.mean()) - float(train.images[0].mean())) < 0.05 * float(train.images[0].mean())
     src = InitSource("random", "random", 1, (0.5,), (0.25,), None, make=lambda: None)
     x = Preprocessor(src, 16, "bilinear")(train, np.arange(4))
     assert x.shape == (4, 1, 16, 16)
