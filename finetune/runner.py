@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +123,8 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
     rows = []
     for init in cfg.inits:
         fp = fingerprint(init, cfg.imagenet_weights)
+        if init == "random":  # frozen random features are those drawn from the run's seed
+            fp = f"random:seed{cfg.seed}"
         cells = []
         for protocol in cfg.protocols:
             for fraction in cfg.label_fractions:
@@ -156,7 +160,8 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
             t0 = time.perf_counter()
             if protocol in ("knn", "linear") and feats is None:
                 feats = cached_features(Path(cfg.output_dir) / "features" / f"{task.name}-{feat_key}.npz",
-                                        source.make, task, prep, device, cfg.feature_batch_size)
+                                        partial(_seeded, source.make, cfg.seed), task, prep, device,
+                                        cfg.feature_batch_size)
             if protocol == "knn":
                 result = run_knn(feats, labels, idx, task.task, task.n_classes, cfg.knn.k, cfg.knn.temperature)
             elif protocol == "linear":
@@ -178,6 +183,11 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
             rows.append(row)
     return rows
 
+
+
+def _seeded(make: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return make()
 
 
 def _row(task: TaskData, init: str, protocol: str, fraction: float, seed: int, key: str, n_train: int,
