@@ -138,7 +138,8 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0              # cosine decays to lr * min_lr_ratio
     clip_grad_norm: float = 0.0            # 0 disables clipping (the norm is still checked)
-    precision: Literal["auto", "bf16", "fp16", "no"] = "auto"    # auto: bf16 on GPU, no on CPU
+    # auto: bf16 on GPU, no on CPU. bool only because YAML reads a bare `no` as false.
+    precision: Literal["auto", "bf16", "fp16", "no"] | bool = "auto"
     compile: bool = False
     channels_last: bool = True
     log_every: int = 10
@@ -147,6 +148,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5           # consecutive skipped steps before the run stops
 
     def __post_init__(self) -> None:
+        if self.precision is False:
+            self.precision = "no"
+        _check(self.precision is not True, "train.precision must be one of auto | bf16 | fp16 | no")
         _check(self.max_steps >= 1, "train.max_steps must be >= 1")
         _check(self.batch_size >= 2, "train.batch_size (global) must be >= 2")
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")

@@ -17,7 +17,6 @@ from logical worker ``i % num_workers`` (a resumed loader rotates its workers to
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import logging
@@ -27,7 +26,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,6 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from medssl.data.sample import decode_image
+from medssl.data.shards import list_shards
 from medssl.errors import MedsslError
 
 log = logging.getLogger(__name__)
@@ -42,29 +41,7 @@ log = logging.getLogger(__name__)
 
 def resolve_shards(spec: str, split: str = "train") -> list[str]:
     """Shard paths of ``spec``: a folder (its index.json's ``split``), a glob, or a brace pattern."""
-    try:
-        from medssl.data.shards import list_shards
-    except ImportError:  # the shared reader is written concurrently; same rules here
-        urls = _list_shards(spec, split)
-    else:
-        urls = list_shards(spec, split)
-    urls = [str(u) for u in urls]
-    if not urls:
-        raise MedsslError(f"data.shards {spec!r}: no shards found (split {split!r})")
-    return urls
-
-
-def _list_shards(spec: str, split: str) -> list[str]:
-    path = Path(spec)
-    if path.is_dir():
-        index = path / "index.json"
-        if index.is_file():
-            shards = json.loads(index.read_text()).get("shards", {})
-            return sorted(str(path / n) for n, s in shards.items() if s.get("split") == split)
-        return sorted(str(p) for p in path.glob(f"{split}-*.tar"))
-    if "{" in spec:
-        return [u for u in braceexpand.braceexpand(spec) if Path(u).is_file()]
-    return sorted(glob.glob(spec))
+    return [str(u) for u in list_shards(spec, split)]
 
 
 def worker_shards(urls: list[str], rank: int, world_size: int, num_workers: int) -> list[list[str]]:

@@ -94,8 +94,11 @@ class Pretrainer:
         self.generator = torch.Generator(device=accelerator.device)
         self.check_grads = accelerator.mixed_precision != "fp16"  # fp16: the scaler skips infs
 
-    def step(self, batches: list[dict[str, torch.Tensor]], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, batches: list[Any], step: int, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (loss, finite flag).
+
+        ``batches``: loader batches (dicts, augmented here), or with ``augment=False`` lists of
+        ready views already on the device (the throughput benchmark's model-only rate).
 
         A non-finite loss or gradient on any rank skips the update on every rank (all-reduced
         flag): weights and optimizer moments stay as they were, the batch is consumed and the
@@ -106,8 +109,11 @@ class Pretrainer:
         self.generator.manual_seed(step_seed(cfg.seed + 1, step, acc.process_index))
         losses = []
         for i, batch in enumerate(batches):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            views = self.augment(batch, self.generator)
+            if augment:
+                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                views = self.augment(batch, self.generator)
+            else:
+                views = batch
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
                 loss = self.model(views)["loss"]
@@ -133,6 +139,12 @@ class Pretrainer:
 
 def train(cfg: PretrainConfig) -> int:
     """Run (or resume) pretraining as configured; returns the exit code."""
+    # Installed before the slow set-up, so an early SIGTERM/SIGUSR1 still ends in a checkpoint.
+    with StopFlag() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: PretrainConfig, stop: StopFlag) -> int:
     out = Path(cfg.output_dir)
     latest = latest_checkpoint(out)
     ckpt = load_checkpoint(latest) if latest is not None else None
@@ -189,11 +201,11 @@ def train(cfg: PretrainConfig) -> int:
                           data_cfg=cfg.data, in_chans=cfg.model.in_chans,
                           skip_batches=start * cfg.train.grad_accum,
                           pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda")
-    return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls)
+    return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls, stop)
 
 
 def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, loader: Any, start: int,
-          ckpt: dict[str, Any] | None, latest: Path | None, urls: list[str]) -> int:
+          ckpt: dict[str, Any] | None, latest: Path | None, urls: list[str], stop: StopFlag) -> int:
     out, main = Path(cfg.output_dir), accelerator.is_main_process
     metrics = MetricsFile(out / "metrics.jsonl", start) if main else None
     run = None
@@ -227,51 +239,52 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
         accelerator.wait_for_everyone()
 
     it = iter(loader)
-    with StopFlag() as stop:
-        while step < cfg.train.max_steps:
-            batches = [next(it) for _ in range(cfg.train.grad_accum)]
-            loss, finite = trainer.step(batches, step)
-            step += 1
-            n_log += 1
-            if finite.item() > 0:
-                bad_streak = 0
-            else:
-                bad_streak += 1
-                skipped += 1
-                log.warning("step %d: non-finite loss or gradient on some rank; update skipped "
-                            "(%d in a row)", step, bad_streak)
-                if bad_streak >= cfg.train.max_nonfinite_steps:
-                    bar.close()
-                    raise MedsslError(
-                        f"step {step}: loss or gradients non-finite for {bad_streak} steps in a row "
-                        f"(train.max_nonfinite_steps); last good checkpoint: {last_good}; lower train.lr "
-                        f"or set train.clip_grad_norm, then resume")
-            if cfg.debug.step_sleep:
-                time.sleep(cfg.debug.step_sleep)
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                mean_loss = accelerator.reduce(loss, reduction="mean").item()
-                elapsed = time.perf_counter() - t_log
-                lr = scaled_lr(cfg.train) * cosine_factor(step - 1, cfg.train)  # lr this step used
-                record = {"step": step, "loss": mean_loss, "lr": lr,
-                          "samples_per_s": n_log * cfg.train.batch_size / max(elapsed, 1e-9),
-                          "epoch": step / epoch_steps if not math.isnan(epoch_steps) else None,
-                          "skipped_steps": skipped}
-                t_log, n_log = time.perf_counter(), 0
-                if main:
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-                    if run is not None:
-                        run.log(record, step=step)
-            # Every rank must agree to stop, or one waits forever in the next collective.
-            want_stop = torch.tensor(float(stop.requested), device=accelerator.device)
-            if accelerator.num_processes > 1:
-                dist.all_reduce(want_stop, op=dist.ReduceOp.MAX)
-            stopped = want_stop.item() > 0 and step < cfg.train.max_steps
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stopped:
-                checkpoint()
-            if stopped:
-                break
+    while step < cfg.train.max_steps:
+        batches = [next(it) for _ in range(cfg.train.grad_accum)]
+        loss, finite = trainer.step(batches, step)
+        step += 1
+        n_log += 1
+        if finite.item() > 0:
+            bad_streak = 0
+        else:
+            bad_streak += 1
+            skipped += 1
+            log.warning("step %d: non-finite loss or gradient on some rank; update skipped "
+                        "(%d in a row)", step, bad_streak)
+            if bad_streak >= cfg.train.max_nonfinite_steps:
+                bar.close()
+                raise MedsslError(
+                    f"step {step}: loss or gradients non-finite for {bad_streak} steps in a row "
+                    f"(train.max_nonfinite_steps); last good checkpoint: {last_good}; lower train.lr "
+                    f"or set train.clip_grad_norm, then resume")
+        if cfg.debug.step_sleep:
+            time.sleep(cfg.debug.step_sleep)
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            mean_loss = accelerator.reduce(loss, reduction="mean").item()
+            elapsed = time.perf_counter() - t_log
+            lr = scaled_lr(cfg.train) * cosine_factor(step - 1, cfg.train)  # lr this step used
+            record = {"step": step, "loss": mean_loss, "lr": lr,
+                      "samples_per_s": n_log * cfg.train.batch_size / max(elapsed, 1e-9),
+                      "epoch": step / epoch_steps if not math.isnan(epoch_steps) else None,
+                      "skipped_steps": skipped}
+            t_log, n_log = time.perf_counter(), 0
+            if main:
+                metrics.write(record)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+                if run is not None:
+                    # No step=: after a resume wandb would drop steps it already saw from
+                    # the interrupted run; "step" is in the record for the x-axis instead.
+                    run.log(record)
+        # Every rank must agree to stop, or one waits forever in the next collective.
+        want_stop = torch.tensor(float(stop.requested), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            dist.all_reduce(want_stop, op=dist.ReduceOp.MAX)
+        stopped = want_stop.item() > 0 and step < cfg.train.max_steps
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stopped:
+            checkpoint()
+        if stopped:
+            break
     bar.close()
     if cfg.debug.dump_rank_weights:
         _dump_rank_weights(trainer, out, accelerator.process_index)

@@ -104,3 +104,13 @@ def test_nonfinite_streak_stops_with_step_and_checkpoint(shard_dir: Path, tmp_pa
         train(cfg)
     msg = str(err.value)
     assert msg.startswith("step 4:") and "step_00000002.pt" in msg and "\n" not in msg
+
+
+def test_grad_accum_consumes_micro_batches_and_checkpoints_position(shard_dir: Path, tmp_path: Path):
+    cfg = _cfg(shard_dir, tmp_path, "train.max_steps=2", "train.grad_accum=2", "train.precision=no")
+    assert cfg.train.precision == "no"   # a bare YAML `no` reads as false; still means no
+    assert train(cfg) == 0
+    ckpt = torch.load(latest_checkpoint(tmp_path), weights_only=True)
+    assert ckpt["data"]["batches"] == 4
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["resolved"]["local_batch"] == 8
