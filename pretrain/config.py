@@ -141,6 +141,7 @@ class TrainConfig:
     # auto: bf16 on GPU, no on CPU. bool only because YAML reads a bare `no` as false.
     precision: Literal["auto", "bf16", "fp16", "no"] | bool = "auto"
     compile: bool = False
+    sync_batchnorm: bool = True            # several GPUs: BatchNorm statistics over the global batch
     channels_last: bool = True
     log_every: int = 10
     checkpoint_every: int = 500

@@ -81,6 +81,10 @@ class Pretrainer:
         self.spec = get_method(cfg.method.name)
         set_seed(cfg.seed)
         model = self.spec.build(cfg)
+        if cfg.train.sync_batchnorm and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+            # SimCLR's negatives span all ranks; per-rank BN statistics leak which rank a
+            # sample came from (the paper's "global BN"). Same state_dict keys.
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.unwrapped = model

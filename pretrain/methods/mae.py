@@ -43,6 +43,9 @@ class MAE(nn.Module):
                  decoder_heads: int, norm_pix_loss: bool):
         super().__init__()
         self.encoder = MaskedVisionTransformerTIMM(vit=vit)
+        # The encoder only ever sees kept tokens (idx_keep), so its own mask token is unused;
+        # a trainable parameter without a gradient makes DDP fail on the second step.
+        self.encoder.mask_token.requires_grad_(False)
         self.backbone = vit   # same module object as encoder.vit; registered for the prefix
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss

@@ -105,3 +105,15 @@ def test_mae_loss_ignores_visible_patches():
     torch.manual_seed(1)
     zero_pred_y = model([y])["loss"]
     assert torch.equal(zero_pred_x, zero_pred_y)   # ... but it is not a target
+
+
+def test_every_trainable_parameter_gets_a_gradient():
+    # DDP (find_unused_parameters=False) fails on the second step otherwise.
+    for overrides in ([], TINY_MAE):
+        torch.manual_seed(0)
+        cfg = _cfg(*overrides)
+        model = get_method(cfg.method.name).build(cfg)
+        views = [torch.randn(4, 1, 32, 32) for _ in range(get_method(cfg.method.name).n_views)]
+        model(views)["loss"].backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, (cfg.method.name, missing)
