@@ -224,8 +224,16 @@ def resolve_method_defaults(cfg: PretrainConfig) -> PretrainConfig:
         lr=train.lr if train.lr is not None else spec.lr[optimizer if optimizer in spec.lr else "default"],
         weight_decay=train.weight_decay if train.weight_decay is not None else spec.weight_decay,
     )
+    model = cfg.model
+    if spec.fixed_input_size:
+        size = aug["crop_size"]
+        if model.kwargs.get("img_size", size) != size:
+            raise ConfigError(f"model.kwargs.img_size {model.kwargs['img_size']} must equal augment.crop_size "
+                              f"{size} for method {spec.name!r}; drop it or make them equal")
+        model = dataclasses.replace(model, kwargs={**model.kwargs, "img_size": size})
     return dataclasses.replace(
         cfg,
+        model=model,
         augment=AugmentConfig(**aug),
         train=dataclasses.replace(train, **updates),
     )

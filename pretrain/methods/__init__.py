@@ -34,6 +34,9 @@ class MethodSpec:
     lr: dict[str, float]                       # base lr per 256 samples, by optimizer ("default")
     weight_decay: float
     augment_defaults: dict[str, Any] = field(default_factory=dict)
+    # The model is built for exactly augment.crop_size (ViT position embeddings): recorded as
+    # model.kwargs.img_size so the saved config rebuilds the same timm model (publish needs it).
+    fixed_input_size: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -47,13 +50,15 @@ def register_method(
     lr: dict[str, float],
     weight_decay: float,
     augment: dict[str, Any],
+    fixed_input_size: bool = False,
 ) -> Callable[[Callable[[PretrainConfig], nn.Module]], Callable[[PretrainConfig], nn.Module]]:
     """Decorator: register ``build(cfg) -> nn.Module`` under ``name`` with its defaults."""
 
     def wrap(build: Callable[[PretrainConfig], nn.Module]) -> Callable[[PretrainConfig], nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"SSL method {name!r} registered twice")
-        _REGISTRY[name] = MethodSpec(name, build, n_views, optimizer, dict(lr), weight_decay, dict(augment))
+        _REGISTRY[name] = MethodSpec(name, build, n_views, optimizer, dict(lr), weight_decay, dict(augment),
+                                     fixed_input_size)
         return build
 
     return wrap

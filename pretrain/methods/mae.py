@@ -88,12 +88,10 @@ class MAE(nn.Module):
 @register_method(
     "mae", n_views=1, optimizer="adamw",
     lr={"adamw": 1.5e-4, "default": 1.5e-4},
-    weight_decay=0.05, augment=MAE_AUGMENT,
+    weight_decay=0.05, augment=MAE_AUGMENT, fixed_input_size=True,
 )
 def build_mae(cfg: PretrainConfig) -> nn.Module:
-    kwargs = dict(cfg.model.kwargs)
-    kwargs.setdefault("img_size", cfg.augment.crop_size)
-    vit = timm.create_model(cfg.model.arch, num_classes=0, in_chans=cfg.model.in_chans, **kwargs)
+    vit = timm.create_model(cfg.model.arch, num_classes=0, in_chans=cfg.model.in_chans, **cfg.model.kwargs)
     if not isinstance(vit, VisionTransformer):
         raise ConfigError(f"model.arch {cfg.model.arch!r}: MAE needs a timm VisionTransformer "
                           f"(e.g. vit_base_patch16_224), got {type(vit).__name__}")

@@ -40,7 +40,7 @@ def test_registry_lists_both_methods_with_defaults():
     assert cfg.train.optimizer == "lars" and cfg.augment.blur_p == 0.5 and cfg.train.lr == 0.3
     cfg = _cfg(*TINY_MAE, "train.lr=0.001", "augment.hflip_p=0.0")
     assert cfg.train.optimizer == "adamw" and cfg.train.lr == 0.001 and cfg.augment.hflip_p == 0.0
-    assert cfg.augment.blur_p == 0.0
+    assert cfg.augment.blur_p == 0.0 and cfg.model.kwargs["img_size"] == 32   # recorded for publish
 
 
 def test_simclr_loss_matches_lightly_and_hand_reference():
