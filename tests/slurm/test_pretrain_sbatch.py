@@ -45,8 +45,11 @@ def _steps_logged(run_dir: Path) -> list[int]:
 
 def test_warning_signal_requeues_and_resumes_to_identical_weights(
         slurm_cluster: None, shards: Path, tmp_path: Path) -> None:
+    # One loader worker: Slurm signals every process of the step, the loader's included, and
+    # those must survive the warning for the final checkpoint to be written.
     overrides = [f"data.shards={shards}", f"train.max_steps={MAX_STEPS}",
-                 f"train.checkpoint_every={CHECKPOINT_EVERY}", "logging.wandb=disabled"]
+                 f"train.checkpoint_every={CHECKPOINT_EVERY}", "logging.wandb=disabled",
+                 "data.num_workers=1"]
     config = str(REPO / "configs" / "debug.yaml")
     script = str(REPO / "slurm" / "pretrain.sbatch")
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "preempted"
@@ -107,6 +110,8 @@ def test_warning_signal_requeues_and_resumes_to_identical_weights(
 
     text = run_log.read_text()
     assert "got SIGUSR1" in text and "requeueing job" in text
+    # Stopped by the warning itself (a checkpoint at the signal), not a crash after it.
+    assert "stopped by signal at step" in text and "killed by signal" not in text, text[-3000:]
     assert "restart 1: resuming from the latest checkpoint" in text
     assert job_fields(run_job)["Restarts"] == "1"
     assert "restart 1" not in ref_log.read_text()
