@@ -98,8 +98,13 @@ class Pretrainer:
         self.generator = torch.Generator(device=accelerator.device)
         self.check_grads = accelerator.mixed_precision != "fp16"  # fp16: the scaler skips infs
 
-    def step(self, batches: list[Any], step: int, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, finite flag).
+    def step(self, batches: list[Any], step: int, augment: bool = True,
+             stop: bool = False) -> tuple[torch.Tensor, bool, bool]:
+        """One optimizer step over ``grad_accum`` micro-batches.
+
+        Returns ``(loss, finite, stop)``: this rank's mean loss (a device tensor), whether the
+        update was applied, and whether any rank was asked to stop (``stop`` is this rank's
+        wish; both flags travel in one all-reduce, the step's only host sync).
 
         ``batches``: loader batches (dicts, augmented here), or with ``augment=False`` lists of
         ready views already on the device (the throughput benchmark's model-only rate).
@@ -131,14 +136,16 @@ class Pretrainer:
         finite = torch.isfinite(loss)
         if self.check_grads and grad_norm is not None:
             finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
-        finite = finite.float()
+        # MAX over ranks of (not finite, stop): any bad rank skips everywhere, any stop stops all.
+        flags = torch.stack([(~finite).float(), torch.tensor(float(stop), device=finite.device)])
         if acc.num_processes > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if finite.item() > 0:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop_all = flags.tolist()
+        if not bad:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss, finite
+        return loss, not bad, bool(stop_all)
 
 
 def train(cfg: PretrainConfig) -> int:
@@ -245,10 +252,10 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
     it = iter(loader)
     while step < cfg.train.max_steps:
         batches = [next(it) for _ in range(cfg.train.grad_accum)]
-        loss, finite = trainer.step(batches, step)
+        loss, finite, stop_all = trainer.step(batches, step, stop=stop.requested)
         step += 1
         n_log += 1
-        if finite.item() > 0:
+        if finite:
             bad_streak = 0
         else:
             bad_streak += 1
@@ -280,11 +287,9 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
                     # No step=: after a resume wandb would drop steps it already saw from
                     # the interrupted run; "step" is in the record for the x-axis instead.
                     run.log(record)
-        # Every rank must agree to stop, or one waits forever in the next collective.
-        want_stop = torch.tensor(float(stop.requested), device=accelerator.device)
-        if accelerator.num_processes > 1:
-            dist.all_reduce(want_stop, op=dist.ReduceOp.MAX)
-        stopped = want_stop.item() > 0 and step < cfg.train.max_steps
+        # Every rank must agree to stop (the flag rode the step's all-reduce), or one would
+        # wait forever in the next collective.
+        stopped = stop_all and step < cfg.train.max_steps
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps or stopped:
             checkpoint()
         if stopped:
