@@ -229,7 +229,8 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
     bar = tqdm(total=cfg.train.max_steps, initial=start, disable=not (main and cfg.logging.progress),
                desc="pretrain", dynamic_ncols=True)
     last_good = str(latest) if latest else "none"
-    step, bad_streak, skipped = start, 0, 0
+    step, bad_streak = start, 0
+    skipped = int(ckpt.get("skipped_steps", 0)) if ckpt else 0
     t_log, n_log = time.perf_counter(), 0
     stopped = False
 
@@ -244,7 +245,7 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
                 "rng": capture_rng(trainer.generator),
                 "data": {"batches": step * cfg.train.grad_accum, "world_size": accelerator.num_processes,
                          "num_workers": cfg.data.num_workers},
-                "wandb_id": wandb_id, "config": to_dict(cfg),
+                "wandb_id": wandb_id, "config": to_dict(cfg), "skipped_steps": skipped,
             }
             last_good = str(save_checkpoint(out, state, cfg.train.keep_checkpoints))
         accelerator.wait_for_everyone()

@@ -114,3 +114,13 @@ def test_grad_accum_consumes_micro_batches_and_checkpoints_position(shard_dir: P
     assert ckpt["data"]["batches"] == 4
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["resolved"]["local_batch"] == 8
+
+
+def test_too_few_shards_for_readers_is_one_clear_error(shard_dir: Path, tmp_path: Path):
+    from medssl.cli import main
+
+    code = main(["pretrain", str(DEBUG_CONFIG), f"data.shards={shard_dir}", f"output_dir={tmp_path}",
+                 "data.num_workers=9"])
+    assert code == 2
+    with pytest.raises(MedsslError, match="8 shards for 1 ranks x 9 workers"):
+        train(_cfg(shard_dir, tmp_path, "data.num_workers=9"))
