@@ -132,6 +132,13 @@ def test_array_runs_and_merge_equals_single_run(slurm_cluster: None, tmp_path: P
         {(t, p) for t in ("left", "right") for p in ("knn", "linear")}
     assert all(a["n_seeds"] == 2 for a in merged["aggregates"])
 
+    # An element run again (a requeue, a resubmission) finds its cells done and redoes none.
+    part = out / bench.PARTS_DIR / "right__imagenet"
+    before = (part / "cells.jsonl").read_text()
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    assert bench.main(["element", str(config)]) == 0
+    assert (part / "cells.jsonl").read_text() == before
+
     # Reference: the same suite in one process, without Slurm.
     from finetune.runner import finetune_command
 
