@@ -66,10 +66,14 @@ def master_addr(env: Mapping[str, str]) -> str:
         return "127.0.0.1"
     # Slurm's compressed host lists (node[01-04,07]) are expanded by scontrol, the one tool that
     # parses them exactly as slurmctld does.
-    out = subprocess.run(
-        ["scontrol", "show", "hostnames", nodelist],
-        capture_output=True, text=True, check=True,
-    ).stdout.split()
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SystemExit(f"launch.py: cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol "
+                         f"({exc}); set MASTER_ADDR to the first node's host name") from None
     return out[0]
 
 

@@ -118,3 +118,12 @@ def test_usr1_reaches_the_trainer_and_maps_to_75(tmp_path: Path) -> None:
 def test_worker_exit_codes_pass_through(tmp_path: Path, worker_code: str, expected: int) -> None:
     # torchrun alone reports any non-zero worker as exit 1; 75 must survive as "resumable".
     assert _run_launcher(tmp_path, worker_code) == expected
+
+
+def test_master_addr_is_the_first_host_of_a_compressed_list() -> None:
+    import shutil
+
+    if shutil.which("scontrol") is None:
+        pytest.skip("scontrol not installed (run `bash .ci/slurm-up.sh`)")
+    assert launch.master_addr({"SLURM_JOB_NODELIST": "gpu[07-09,11],cpu3"}) == "gpu07"
+    assert launch.master_addr({"SLURM_JOB_NODELIST": "x", "MASTER_ADDR": "10.0.0.2"}) == "10.0.0.2"
