@@ -162,6 +162,10 @@ def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{where}: {name}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads a bare no/off/yes/on as a bool; map it back onto the choice it spells.
+            spellings = ("no", "off", "false") if value is False else ("yes", "on", "true")
+            value = next((a for a in spellings if a in args), value)
         if value not in args:
             choices = " | ".join(str(a) for a in args)
             raise ConfigError(f"{where}: {name} must be one of {choices}, got {value!r}")

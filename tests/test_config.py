@@ -27,6 +27,7 @@ class Train:
 class Root:
     output_dir: str = "runs/x"
     mode: Literal["online", "offline", "disabled"] = "disabled"
+    precision: Literal["bf16", "no"] = "bf16"
     tags: list[str] = field(default_factory=list)
     note: str | None = None
     train: Train = field(default_factory=Train)
@@ -81,3 +82,9 @@ def test_saved_config_round_trips_with_git_sha(tmp_path):
     assert saved == to_dict(cfg)
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(saved))
     assert load_config(Root, tmp_path / "plain.yaml", []) == cfg
+
+
+def test_bare_yaml_no_means_the_choice_it_spells():
+    assert load_config(Root, None, ["precision=no"]).precision == "no"
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        load_config(Root, None, ["mode=no"])
