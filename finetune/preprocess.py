@@ -1,7 +1,8 @@
 """Images of a split -> normalised float batches ``[B, C, S, S]`` for one initialisation.
 
-Grayscale scans: stored uint16 -> modality units (offset/slope) -> window (the ssl init's
-published window, else the sample's own; min-max when neither exists) -> [0, 1].
+Grayscale scans: stored uint16 -> modality units (offset/slope) -> window -> [0, 1]. The
+window is the sample's own, as in pretraining and the same for every init, so the comparison
+stays fair; the ssl init's published window serves samples that carry none, min-max the rest.
 MedMNIST and RGB shards: uint8 / 255. Then channels are matched to the init (RGB -> gray by
 the channel mean; gray -> RGB by repetition), the image is resized to ``input_size`` with the
 configured interpolation (nearest reproduces MedMNIST's upsampled "224"), and normalised with
@@ -54,7 +55,7 @@ class Preprocessor:
             return img.astype(np.float32) / 255.0
         offset, slope = split.intensity[i] if split.intensity else (0.0, 1.0)
         values = img.astype(np.float32) * slope + offset
-        window = self.source.window or (split.windows[i] if split.windows else None)
+        window = (split.windows[i] if split.windows else None) or self.source.window
         if window is None:
             lo, hi = float(values.min()), float(values.max())
         else:
