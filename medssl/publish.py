@@ -26,9 +26,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from medssl import __version__
+from medssl.config import read_yaml_tree
 from medssl.errors import MedsslError
 
 log = logging.getLogger(__name__)
@@ -191,13 +191,7 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise MedsslError(f"{path}: missing; is {run_dir} a medssl pretrain output_dir?")
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise MedsslError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(config, dict):
-        raise MedsslError(f"{path}: top level must be a mapping")
-    return config
+    return read_yaml_tree(path)
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
