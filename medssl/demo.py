@@ -15,6 +15,7 @@ instead of starting over.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -53,6 +54,12 @@ def run_demo(out: Path) -> int:
     corpus, shards = out / "corpus", out / "shards"
     run_dir, published, bench = out / "pretrain", out / "published", out / "benchmark"
 
+    # The corpus is synthetic, so a fixed salt is harmless, and it makes the patient splits --
+    # and so the demo's table -- the same on every machine. Real data gets a secret salt.
+    salt = out / "demo.salt"
+    if not salt.is_file():
+        salt.write_bytes(hashlib.sha256(b"medssl synthetic demo corpus").digest())
+
     stages: list[tuple[str, list[str]]] = [
         ("synthesise the demo corpus", [
             "synth", str(corpus), "--patients", str(DEMO_PATIENTS),
@@ -61,7 +68,7 @@ def run_demo(out: Path) -> int:
         ("de-identify and shard it", [
             "shard", str(corpus), "--out", str(shards),
             "--recipe", str(root / "datasets" / "recipes" / "demo.yaml"), "--workers", "2",
-            "--shard-size", "64", "--splits", DEMO_SPLITS,
+            "--shard-size", "64", "--splits", DEMO_SPLITS, "--salt-file", str(salt),
         ]),
         ("pretrain SimCLR on efficientnet_lite0", [
             "pretrain", str(root / "configs" / "demo.yaml"),
