@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,8 @@ def test_online_without_key_falls_back_offline_and_resume_keeps_id(
 
     assert pretrain_command(DEBUG, [*args[:-2], "train.max_steps=4", "train.checkpoint_every=1"]) == 0
     assert torch.load(latest_checkpoint(out), weights_only=True)["wandb_id"] == first
-    # Same id, resumed: no run with another id. (wandb names offline dirs by start second and
-    # id, so the two runs share one dir when they start within the same second.)
-    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert runs and all(r.name.endswith(f"-{first}") for r in runs)
+    # Same id, resumed: two offline runs, both with the first id. wandb names the dirs
+    # offline-run-<start second>-<id>, adding "-1" when two runs start within one second.
+    runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    assert all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?", r.name) for r in runs)
