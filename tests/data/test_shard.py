@@ -141,20 +141,25 @@ class Interrupt(BaseException):
     """Stands in for SIGINT/SIGKILL at a chosen point of the writer."""
 
 
+def die_after(monkeypatch, cls: type, name: str, calls: int) -> None:
+    """Make ``cls.name`` do its work, then raise Interrupt on its ``calls``-th call."""
+    real = getattr(cls, name)
+    count = []
+
+    def wrapped(self, *args):
+        real(self, *args)
+        count.append(1)
+        if len(count) == calls:
+            raise Interrupt
+
+    monkeypatch.setattr(cls, name, wrapped)
+
+
 def test_resume_after_interrupt_matches_uninterrupted(corpus, tmp_path, salt, monkeypatch):
     reference = tmp_path / "ref"
     assert run_shard([corpus], reference, salt, "--shard-size", 2) == 0
     out = tmp_path / "resumed"
-    real_add_shard = journal_mod.Journal.add_shard
-    calls = []
-
-    def add_shard_then_die(self, *args):
-        real_add_shard(self, *args)
-        calls.append(args)
-        if len(calls) == 3:
-            raise Interrupt
-
-    monkeypatch.setattr(journal_mod.Journal, "add_shard", add_shard_then_die)
+    die_after(monkeypatch, journal_mod.Journal, "add_shard", 3)
     with pytest.raises(Interrupt):
         run_shard([corpus], out, salt, "--shard-size", 2)
     monkeypatch.undo()
@@ -172,16 +177,7 @@ def test_resume_refuses_other_args_and_redoes_damaged_shards(corpus, tmp_path, s
     reference = tmp_path / "ref"
     assert run_shard([corpus], reference, salt, "--shard-size", 2) == 0
     out = tmp_path / "resumed"
-    real_close = shard_mod.SplitWriter.close
-    closed = []
-
-    def close_then_die(self):
-        real_close(self)
-        closed.append(1)
-        if len(closed) == 4:
-            raise Interrupt
-
-    monkeypatch.setattr(shard_mod.SplitWriter, "close", close_then_die)
+    die_after(monkeypatch, shard_mod.SplitWriter, "close", 4)
     with pytest.raises(Interrupt):
         run_shard([corpus], out, salt, "--shard-size", 2)
     monkeypatch.undo()
