@@ -9,6 +9,7 @@ with the git SHA so a run dir always says exactly what ran.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import types
 from pathlib import Path
@@ -143,6 +144,10 @@ def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
             into[key] = value
 
 
+#: A number in exponent form without a dot (``1e-6``, ``5E3``), which YAML 1.1 leaves a string.
+_YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
 def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
     """Check ``value`` against the annotation ``hint``; convert where YAML is looser (int->float)."""
     origin = get_origin(hint)
@@ -193,6 +198,8 @@ def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
         raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):

@@ -88,3 +88,14 @@ def test_bare_yaml_no_means_the_choice_it_spells():
     assert load_config(Root, None, ["precision=no"]).precision == "no"
     with pytest.raises(ConfigError, match="mode must be one of"):
         load_config(Root, None, ["mode=no"])
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-6 as the string '1e-6'; a float field takes it as the number it spells.
+    assert load_config(Root, None, ["train.lr=1e-6"]).train.lr == 1e-6
+    (tmp_path / "c.yaml").write_text("train: {lr: 5E-4}\n")
+    assert load_config(Root, tmp_path / "c.yaml").train.lr == 5e-4
+    with pytest.raises(ConfigError, match="train.lr must be a number, got 'fast'"):
+        load_config(Root, None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.max_steps must be a whole number"):
+        load_config(Root, None, ["train.max_steps=1e3"])
