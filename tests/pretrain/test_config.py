@@ -17,6 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
     ("pretrain/simclr_resnet50.yaml", "simclr", "resnet50"),
     ("pretrain/mae_vit_base.yaml", "mae", "vit_base_patch16_224"),
     ("debug.yaml", "simclr", "resnet10t"),
+    ("demo.yaml", "simclr", "efficientnet_lite0"),
 ])
 def test_shipped_configs_load(name: str, method: str, arch: str):
     cfg = resolve_method_defaults(load_config(PretrainConfig, CONFIGS / name))
