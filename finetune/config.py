@@ -120,7 +120,8 @@ class FinetuneConfig:
 
 @dataclass
 class BootstrapConfig:
-    #: Replicates; each resamples seeds and test samples (see finetune/stats.py).
+    #: Replicates; each resamples the test patients (images where a task has no patient ids)
+    #: and the effective seeds (see finetune/stats.py).
     n: int = 1000
     confidence: float = 0.95
 

@@ -3,6 +3,9 @@
 Wording rules of the report: an interval that covers 0.5 AUC is "not distinguishable from
 chance"; a difference whose interval covers 0 is "no clear difference". Model selection never
 sees test data: every number here is a test-split metric of a model chosen on validation.
+Every aggregate and every cell line of the report states what its interval resampled (test
+patients or test images, and how many) and over how many effective seeds it is a mean, since
+those decide what the interval can claim (finetune/stats.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 
 from finetune.config import FinetuneRunConfig
 from finetune.inits import display_name
-from finetune.stats import Summary, bootstrap_group
+from finetune.stats import Resampling, Summary, bootstrap_group
 from finetune.tasks import TaskData
 
 
@@ -23,11 +26,22 @@ def reference_init(inits: list[str]) -> str | None:
     return next((i for i in inits if i.startswith("ssl:")), None)
 
 
+def resampling_of(task: TaskData) -> Resampling:
+    """The bootstrap's unit for a task's test split: its patients when the split records them
+    (shard tasks), else its images (MedMNIST)."""
+    test = task.splits["test"]
+    return Resampling.of(len(test), test.patients)
+
+
 def aggregate_task(task: TaskData, rows: list[dict], scores: dict[str, np.ndarray],
                    cfg: FinetuneRunConfig) -> list[dict]:
-    """Aggregate rows (status ok) of one task per (protocol, fraction): mean over seeds with
-    bootstrap CIs, and for each non-reference init the paired difference reference - init."""
+    """Aggregate rows (status ok) of one task per (protocol, fraction): mean over effective
+    seeds with bootstrap CIs, and for each non-reference init the paired difference
+    reference - init. Each aggregate records ``resampling`` ("patients" | "images"),
+    ``n_units`` (test units resampled), ``n_seeds`` (seeds with a result) and
+    ``n_effective_seeds`` (distinct results among them)."""
     labels = task.splits["test"].labels
+    resampling = resampling_of(task)
     ref = reference_init(cfg.inits)
     out = []
     for protocol in cfg.protocols:
@@ -42,7 +56,8 @@ def aggregate_task(task: TaskData, rows: list[dict], scores: dict[str, np.ndarra
             if not cells:
                 continue
             per_init, diffs = bootstrap_group(labels, task.task, cells, points, ref,
-                                              cfg.bootstrap.n, cfg.bootstrap.confidence, seed=cfg.seed)
+                                              cfg.bootstrap.n, cfg.bootstrap.confidence, seed=cfg.seed,
+                                              resampling=resampling)
             for init in cfg.inits:
                 if init not in per_init:
                     continue
@@ -50,12 +65,14 @@ def aggregate_task(task: TaskData, rows: list[dict], scores: dict[str, np.ndarra
                 agg = {"task": task.name, "init": init, "init_label": display_name(init),
                        "protocol": protocol, "fraction": fraction,
                        "auc_mean": s["auc"].mean, "auc_ci": s["auc"].as_list(),
-                       "acc_mean": s["acc"].mean, "acc_ci": s["acc"].as_list(), "n_seeds": s["n_seeds"]}
+                       "acc_mean": s["acc"].mean, "acc_ci": s["acc"].as_list(), "n_seeds": s["n_seeds"],
+                       "n_effective_seeds": s["n_effective_seeds"], "resampling": resampling.unit,
+                       "n_units": resampling.n_units}
                 if init in diffs:
                     d = diffs[init]
                     agg["diff_vs_ssl"] = {"reference": ref, "auc": d["auc"].mean, "auc_ci": d["auc"].as_list(),
                                           "acc": d["acc"].mean, "acc_ci": d["acc"].as_list(),
-                                          "n_seeds": d["n_seeds"]}
+                                          "n_seeds": d["n_seeds"], "n_effective_seeds": d["n_effective_seeds"]}
                 out.append(agg)
     return out
 
@@ -87,6 +104,32 @@ def _chance(agg: dict) -> str:
     return "above chance" if lo > 0.5 else "below chance"
 
 
+def _seeds(n_effective: int, n_run: int) -> str:
+    word = "seed" if n_effective == 1 else "seeds"
+    return f"{n_effective} effective {word} of {n_run} run"
+
+
+def _basis(agg: dict) -> str:
+    """What a cell's interval rests on, e.g. "1 effective seed of 3 run; 24 test patients
+    resampled; difference over 3 distinct seed pairs"."""
+    text = (f"{_seeds(agg['n_effective_seeds'], agg['n_seeds'])}; "
+            f"{agg['n_units']} test {agg['resampling']} resampled")
+    d = agg.get("diff_vs_ssl")
+    if d:
+        pairs = "pair" if d["n_effective_seeds"] == 1 else "pairs"
+        text += f"; difference over {d['n_effective_seeds']} distinct seed {pairs}"
+    return text
+
+
+def _resampling_sentence(info: dict | None) -> str:
+    if not info:
+        return ""
+    if info["unit"] == "patients":
+        return f"Intervals resample its {info['n_units']} test patients (all images of a patient together)."
+    return (f"Intervals resample its {info['n_units']} test images: the task records no patient ids, "
+            f"so images count as independent (the intervals are too narrow if a patient has several).")
+
+
 def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], rows: list[dict],
                  aggregates: list[dict]) -> None:
     """``report.md``: per task and protocol, AUC and ACC tables (inits side by side, with
@@ -98,14 +141,20 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
         "# medssl benchmark report", "",
         (f"Architecture `{cfg.model.arch}` at {cfg.input_size} px, identical recipe for every init. "
         f"Test-split metrics (AUC, ACC as defined by MedMNIST's evaluator); model selection on "
-        f"validation only. Mean over seeds with {level}% bootstrap intervals (resampling seeds and "
-        f"test samples, {cfg.bootstrap.n} replicates); differences are paired on seeds and test samples."),
+        f"validation only. Mean over effective seeds with {level}% bootstrap intervals "
+        f"({cfg.bootstrap.n} replicates), each replicate resampling the test PATIENTS where a task "
+        f"records them (shard tasks), else the test images (MedMNIST has no patient ids), and the "
+        f"effective seeds. Seeds whose test predictions are identical (kNN and the linear probe on "
+        f"ImageNet or SSL features at label fraction 1.0) count as one effective seed; random "
+        f"weights are drawn anew for each seed. Differences are paired "
+        f"on test units and seeds. Each task and each cell below says what was resampled."),
         "",
     ]
     skipped = [r for r in rows if r["status"] != "ok"]
     for name, info in tasks.items():
         lines += [f"## {name}", "", (f"Task type: {info['task']}; images train/val/test: "
-                  f"{info['n']['train']}/{info['n']['val']}/{info['n']['test']}."), ""]
+                  f"{info['n']['train']}/{info['n']['val']}/{info['n']['test']}. "
+                  f"{_resampling_sentence(info.get('resampling'))}").rstrip(), ""]
         for protocol in cfg.protocols:
             group = [a for a in aggregates if a["task"] == name and a["protocol"] == protocol]
             if not group:
@@ -131,7 +180,7 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
             lines += ["Chance check (AUC interval against 0.5):", ""]
             for a in group:
                 lines.append(f"- {display_name(a['init'])}, fraction {a['fraction']:g}: AUC "
-                             f"{_fmt(a['auc_mean'], a['auc_ci'])}, {_chance(a)} ({a['n_seeds']} seeds)")
+                             f"{_fmt(a['auc_mean'], a['auc_ci'])}, {_chance(a)} ({_basis(a)})")
             lines.append("")
     if skipped:
         lines += ["## Skipped cells", ""]

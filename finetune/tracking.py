@@ -42,7 +42,8 @@ class Tracker:
 
         cols = ["task", "init_label", "protocol", "fraction", "seed", "status", "auc", "acc", "n_train", "reason"]
         self.run.log({"results": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
-        acols = ["task", "init_label", "protocol", "fraction", "auc_mean", "acc_mean", "n_seeds"]
+        acols = ["task", "init_label", "protocol", "fraction", "auc_mean", "acc_mean", "n_seeds",
+                 "n_effective_seeds", "resampling", "n_units"]
         table = [[a.get(c) for c in acols] + [str(a.get("auc_ci")), str(a.get("acc_ci"))] for a in aggregates]
         self.run.log({"aggregates": wandb.Table(columns=acols + ["auc_ci", "acc_ci"], data=table)})
 
