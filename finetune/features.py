@@ -1,7 +1,8 @@
 """Frozen features, computed once per (task, init) on every split and cached on disk.
 
 kNN and the linear probe of every fraction and seed read the same cache, so the backbone
-runs once per (task, init) however many cells use it.
+runs once per (task, init) however many cells use it. Random weights are the exception: each
+seed draws its own network (finetune/runner.py), so their cache is per (task, seed).
 """
 
 from __future__ import annotations

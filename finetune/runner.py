@@ -2,9 +2,15 @@
 
 For each task: load it once, draw the label-fraction subsets once (shared by every init and
 protocol, so comparisons are paired), then for each init build the backbone once, cache its
-frozen features, and run the unfinished (protocol, fraction, seed) cells. Finished cells are
+frozen features, and run the unfinished (seed, protocol, fraction) cells. Finished cells are
 read back from ``cells.jsonl``; results.json, report.md and the plots are rebuilt from all
 cells at the end of every run.
+
+Every seed-dependent choice comes from the cell's seed: the label subset, the probe's and the
+fine-tuning's randomness, and the random-init weights themselves. Random weights are thus one
+draw per seed (frozen features cached per (task, seed)), so "random" intervals carry the
+variation between random networks; ImageNet and SSL features do not depend on the seed and are
+cached once per (task, init).
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ from finetune.knn import run_knn
 from finetune.linear import run_linear
 from finetune.metrics import evaluate
 from finetune.preprocess import Preprocessor
-from finetune.report import aggregate_task, plot_task, summaries_to_json, write_report
+from finetune.report import (
+    aggregate_task,
+    plot_task,
+    resampling_of,
+    summaries_to_json,
+    write_report,
+)
 from finetune.tasks import SPLITS, TaskData, load_task
 from finetune.tracking import Tracker
 from medssl.config import git_sha, load_config, save_config, to_dict
@@ -92,7 +104,9 @@ def run_suite(cfg: FinetuneRunConfig) -> dict:
     try:
         for task_cfg in cfg.tasks:
             task = load_task(task_cfg, side=cfg.input_size)
-            tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS}}
+            unit = resampling_of(task)
+            tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS},
+                                     "resampling": {"unit": unit.unit, "n_units": unit.n_units}}
             task_rows = _run_task(cfg, task_cfg, task, store, tracker, device)
             scores = {r["key"]: store.scores(r["key"]) for r in task_rows if r["status"] == "ok"}
             task_aggs = aggregate_task(task, task_rows, scores, cfg)
@@ -123,13 +137,13 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
     rows = []
     for init in cfg.inits:
         fp = fingerprint(init, cfg.imagenet_weights)
-        if init == "random":  # frozen random features are those drawn from the run's seed
-            fp = f"random:seed{cfg.seed}"
         cells = []
-        for protocol in cfg.protocols:
-            for fraction in cfg.label_fractions:
-                for seed in cfg.seeds:
-                    key = cell_key(**common, init=fp, protocol=protocol, settings=protocol_cfg[protocol],
+        # Seed outermost: with random weights each seed has its own features, loaded once.
+        for seed in cfg.seeds:
+            for protocol in cfg.protocols:
+                for fraction in cfg.label_fractions:
+                    key = cell_key(**common, init=_cell_init(fp, init, protocol, cfg.seed),
+                                   protocol=protocol, settings=protocol_cfg[protocol],
                                    fraction=fraction, seed=seed)
                     cells.append((protocol, fraction, seed, key))
         todo = [c for c in cells if c[3] not in store]
@@ -153,15 +167,19 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
                      for p, f, s, k in todo]
             continue
         prep = Preprocessor(source, cfg.input_size, cfg.interpolation)
-        feats = None
-        feat_key = cell_key(**common, init=fp)
+        loaded: tuple[str, dict[str, np.ndarray]] | None = None  # one feature set in memory at a time
         for protocol, fraction, seed, key in tqdm(todo, desc=f"{task.name}/{display_name(init)}", leave=False):
             idx = subsets[(fraction, seed)]
             t0 = time.perf_counter()
-            if protocol in ("knn", "linear") and feats is None:
-                feats = cached_features(Path(cfg.output_dir) / "features" / f"{task.name}-{feat_key}.npz",
-                                        partial(_seeded, source.make, cfg.seed), task, prep, device,
-                                        cfg.feature_batch_size)
+            if protocol in ("knn", "linear"):
+                weights_seed = seed if init == "random" else cfg.seed
+                feat_key = (cell_key(**common, init=RANDOM_PER_SEED, seed=seed) if init == "random"
+                            else cell_key(**common, init=fp))
+                if loaded is None or loaded[0] != feat_key:
+                    path = Path(cfg.output_dir) / "features" / f"{task.name}-{feat_key}.npz"
+                    loaded = (feat_key, cached_features(path, partial(_seeded, source.make, weights_seed),
+                                                        task, prep, device, cfg.feature_batch_size))
+                feats = loaded[1]
             if protocol == "knn":
                 result = run_knn(feats, labels, idx, task.task, task.n_classes, cfg.knn.k, cfg.knn.temperature)
             elif protocol == "linear":
@@ -183,6 +201,20 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
             rows.append(row)
     return rows
 
+
+#: Cell and feature-cache identity of random weights drawn from each cell's own seed. Cells of
+#: the earlier meaning (``random:seed<run seed>``: one random network shared by every seed) get
+#: other keys, so they are never reused as if they carried seed variation.
+RANDOM_PER_SEED = "random:weights-from-cell-seed"
+
+
+def _cell_init(fp: str, init: str, protocol: str, run_seed: int) -> str:
+    """The init part of a cell key. Random frozen features: RANDOM_PER_SEED. Random full
+    fine-tuning always drew its weights from the cell's seed (run_finetune seeds torch first), so
+    its key keeps its old form and finished fine-tuning cells, the costly ones, stay valid."""
+    if init != "random":
+        return fp
+    return f"random:seed{run_seed}" if protocol == "finetune" else RANDOM_PER_SEED
 
 
 def _seeded(make: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:

@@ -1,8 +1,10 @@
 """Synthetic data for the finetune tests (imported by the test files): MedMNIST npz files in
-the official layout and sizes, and tiny labeled shard folders in the medssl shard format."""
+the official layout and sizes, tiny labeled shard folders in the medssl shard format, and
+published dirs holding random weights."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import numpy as np
 from medssl.data.sample import encode_intensity, encode_png
 
 BREAST_SIZES = {"train": 546, "val": 78, "test": 156}
+ARCH = "test_efficientnet"
 
 
 def synthetic_images(labels: np.ndarray, size: int, rng: np.random.Generator, signal: bool,
@@ -116,3 +119,24 @@ def write_labeled_shards(out: Path, kind: str = "multiclass", n_classes: int = 3
     }
     (out / "index.json").write_text(json.dumps(index))
     return out
+
+
+def write_published(folder, in_chans=1, window=(40.0, 400.0)):
+    """A dir in `medssl publish`'s layout holding random weights (enough to test loading)."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, num_classes=0, in_chans=in_chans)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    config = {"architecture": ARCH, "num_classes": 0, "num_features": model.num_features,
+              "pretrained_cfg": {"input_size": [in_chans, 32, 32], "in_chans": in_chans,
+                                 "mean": [0.5] * in_chans, "std": [0.25] * in_chans,
+                                 "window": {"center": window[0], "width": window[1]}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    lines = "".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n"
+                    for n in ("config.json", "model.safetensors"))
+    (folder / "SHA256SUMS").write_text(lines)
+    return folder, model

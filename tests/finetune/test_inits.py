@@ -2,39 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
 import pytest
-import timm
 import torch
 import yaml
-from finetune_data import write_medmnist_npz
-from safetensors.torch import save_file
+from finetune_data import ARCH, write_medmnist_npz, write_published
 
 from finetune.inits import fingerprint, load_init
 from finetune.runner import finetune_command
 from medssl.errors import MedsslError
-
-ARCH = "test_efficientnet"
-
-
-def write_published(folder, in_chans=1, window=(40.0, 400.0)):
-    """A dir in `medssl publish`'s layout holding random weights (enough to test loading)."""
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = timm.create_model(ARCH, num_classes=0, in_chans=in_chans)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    config = {"architecture": ARCH, "num_classes": 0, "num_features": model.num_features,
-              "pretrained_cfg": {"input_size": [in_chans, 32, 32], "in_chans": in_chans,
-                                 "mean": [0.5] * in_chans, "std": [0.25] * in_chans,
-                                 "window": {"center": window[0], "width": window[1]}}}
-    (folder / "config.json").write_text(json.dumps(config))
-    lines = "".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n"
-                    for n in ("config.json", "model.safetensors"))
-    (folder / "SHA256SUMS").write_text(lines)
-    return folder, model
 
 
 def test_ssl_init_loads_published_weights_and_recipe(tmp_path):
