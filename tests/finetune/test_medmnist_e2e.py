@@ -68,8 +68,12 @@ def test_breastmnist_end_to_end_and_resume(tmp_path, monkeypatch):
     assert {(a["protocol"], a["fraction"]) for a in aggs} == {(p, f) for p in ("knn", "linear", "finetune")
                                                                for f in (0.1, 1.0)}
     assert all(a["auc_ci"][0] <= a["auc_mean"] <= a["auc_ci"][1] for a in aggs)
+    # MedMNIST has no patient ids: the bootstrap resamples test images, and says so.
+    assert all(a["resampling"] == "images" and a["n_units"] == 156 for a in aggs)
+    assert results["tasks"]["breast"]["resampling"] == {"unit": "images", "n_units": 156}
     report = (out / "report.md").read_text()
     assert "## breast" in report and "skipped" in report and "ImageNet" in report
+    assert "Intervals resample its 156 test images" in report and "156 test images resampled" in report
     assert (out / "plots" / "breast.png").stat().st_size > 1000
 
     # Re-run: every finished cell is reused, nothing is recomputed.

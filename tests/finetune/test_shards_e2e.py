@@ -84,11 +84,14 @@ def test_linear_probe_near_chance_without_signal(tmp_path):
                               {"name": "signal", "kind": "shards", "path": str(signal)}],
                    protocols=("linear",), fractions=(1.0,), seeds=(0, 1, 2), n_boot=500)
     aggs = {a["task"]: a for a in results["aggregates"]}
+    # 60 patients x 4 images, 20% of patients in test: the bootstrap draws the 12 test patients.
+    assert all(a["resampling"] == "patients" and a["n_units"] == 12 for a in aggs.values())
     lo, hi = aggs["noise"]["auc_ci"]
     assert lo <= 0.5 <= hi, aggs["noise"]
     assert aggs["signal"]["auc_ci"][0] > 0.6, aggs["signal"]
     report = (tmp_path / "bench" / "report.md").read_text()
     assert "not distinguishable from chance" in report and "above chance" in report
+    assert "12 test patients resampled" in report
 
 
 def test_random_init_features_are_reproducible(tmp_path):
