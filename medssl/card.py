@@ -159,16 +159,19 @@ def _results(results: dict[str, Any] | None) -> str:
     if not aggregates:
         return "## Benchmark results\n\nThe results file held no rows.\n"
     lines = ["## Benchmark results\n",
-             "Downstream results from `medssl finetune` (mean over seeds; 95% CI in brackets).\n",
-             "| task | init | protocol | label fraction | AUC | ACC | seeds |",
-             "|---|---|---|---:|---|---|---:|"]
+             "Downstream results from `medssl finetune` (mean over effective seeds; 95% bootstrap "
+             "CI in brackets, resampling the unit shown: test patients, or images where a task "
+             "has no patient ids).\n",
+             "| task | init | protocol | label fraction | AUC | ACC | effective seeds | resampled |",
+             "|---|---|---|---:|---|---|---:|---|"]
     for agg in aggregates:
         if not isinstance(agg, dict):
             continue
         lines.append(
             f"| {_cell(agg.get('task'))} | {_cell(agg.get('init'))} | {_cell(agg.get('protocol'))} | "
             f"{_num(agg.get('fraction'))} | {_metric(agg, 'auc')} | {_metric(agg, 'acc')} | "
-            f"{_num(agg.get('n_seeds'))} |"
+            f"{_num(agg.get('n_effective_seeds', agg.get('n_seeds')))} | "
+            f"{_cell(agg.get('resampling', 'images'))} |"
         )
     return "\n".join(lines) + "\n"
 
