@@ -1,4 +1,8 @@
-"""`python -m finetune ...` is `medssl finetune ...`."""
+"""``python -m finetune ...`` is ``medssl finetune ...``.
+
+A launcher shim, not stage code: it sits above the app layer like the ``medssl`` script does,
+which is why the layering test (tests/test_layers.py) lets ``__main__`` modules import it.
+"""
 
 import sys
 

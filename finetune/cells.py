@@ -14,11 +14,25 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medssl.io import atomic_write_bytes
+from medssl.results import CellRow, row_from_json, row_to_json
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What one cell runs: a protocol at a label fraction and seed, and its store ``key``."""
+
+    protocol: str
+    fraction: float
+    seed: int
+    key: str
 
 
 def cell_key(**parts: object) -> str:
@@ -33,17 +47,17 @@ class CellStore:
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / "cells.jsonl"
         self.pred_dir = Path(out_dir) / "predictions"
-        self.rows: dict[str, dict] = {}
+        self.rows: dict[str, CellRow] = {}
         if self.path.is_file():
             self._drop_partial_line()
             for n, line in enumerate(self.path.read_text().splitlines(), start=1):
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
+                    row = row_from_json(json.loads(line))
+                except ValueError:  # JSONDecodeError, or a line pydantic cannot read as a row
                     log.warning("%s line %d is truncated (interrupted run); that cell will be redone", self.path, n)
                     continue
-                if (self.pred_dir / f"{row['key']}.npy").is_file():
-                    self.rows[row["key"]] = row
+                if (self.pred_dir / f"{row.key}.npy").is_file():
+                    self.rows[row.key] = row
 
     def _drop_partial_line(self) -> None:
         # A crash mid-append leaves a line without its newline; the next append would glue
@@ -57,19 +71,19 @@ class CellStore:
     def __contains__(self, key: str) -> bool:
         return key in self.rows
 
-    def add(self, row: dict, test_scores: np.ndarray) -> None:
+    def add(self, row: CellRow, test_scores: np.ndarray) -> None:
         """Persist a finished cell: scores first, then its line (the line is the commit)."""
+        import io
+
         self.pred_dir.mkdir(parents=True, exist_ok=True)
-        target = self.pred_dir / f"{row['key']}.npy"
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(test_scores, dtype=np.float64), allow_pickle=False)
-        os.replace(tmp, target)
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(test_scores, dtype=np.float64), allow_pickle=False)
+        atomic_write_bytes(self.pred_dir / f"{row.key}.npy", buf.getvalue())
         with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write(json.dumps(row_to_json(row), sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.rows[row["key"]] = row
+        self.rows[row.key] = row
 
     def scores(self, key: str) -> np.ndarray:
         return np.load(self.pred_dir / f"{key}.npy", allow_pickle=False)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from medssl.errors import ConfigError
+from medssl.init import Init
 
 PROTOCOLS = ("knn", "linear", "finetune")
 #: The twelve 2-D MedMNIST datasets (medmnist.INFO holds their task types and split sizes).
@@ -164,6 +165,11 @@ class FinetuneRunConfig:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    @property
+    def init_list(self) -> list[Init]:
+        """``inits`` parsed, in config order."""
+        return [Init.parse(i) for i in self.inits]
+
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ConfigError("tasks is empty; name at least one task (see configs/finetune/medmnist.yaml)")
@@ -172,10 +178,11 @@ class FinetuneRunConfig:
             raise ConfigError(f"tasks: names must be unique, got {names}")
         if not self.inits:
             raise ConfigError("inits is empty; use e.g. [ssl:published/, imagenet, random]")
-        for init in self.inits:
-            if init not in ("imagenet", "random") and not (init.startswith("ssl:") and len(init) > 4):
-                raise ConfigError(f"inits: {init!r} must be ssl:DIR, imagenet or random")
-        if len(set(self.inits)) != len(self.inits):
+        try:
+            parsed = [Init.parse(i) for i in self.inits]
+        except ConfigError as exc:
+            raise ConfigError(f"inits: {exc}") from None
+        if len(set(parsed)) != len(parsed):
             raise ConfigError(f"inits: duplicates in {self.inits}")
         bad = [p for p in self.protocols if p not in PROTOCOLS]
         if bad or not self.protocols:

@@ -24,13 +24,14 @@ from pathlib import Path
 from torch import nn
 
 from medssl.errors import MedsslError
+from medssl.init import Init
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class InitSource:
-    init: str                 # as written in the config
+    init: Init
     label: str                # short display name: ssl:<dirname> | imagenet | random
     in_chans: int
     mean: tuple[float, ...]
@@ -39,24 +40,20 @@ class InitSource:
     make: Callable[[], nn.Module]        # a fresh backbone with these weights, per call
 
 
-def display_name(init: str) -> str:
-    return f"ssl:{Path(init[4:]).name}" if init.startswith("ssl:") else init
-
-
-def fingerprint(init: str, imagenet_weights: str | None) -> str:
+def fingerprint(init: Init, imagenet_weights: str | None) -> str:
     """What identifies the weights, for cell keys: an ssl dir's SHA256SUMS digest (so re-published
     weights never reuse old cells), the ImageNet file, or the init name."""
-    if init.startswith("ssl:"):
-        sums = Path(init[4:]).expanduser() / "SHA256SUMS"
+    if init.is_ssl:
+        sums = init.path / "SHA256SUMS"
         if not sums.is_file():
             raise MedsslError(f"inits: {init}: {sums} not found; is it a `medssl publish` dir?")
         return "ssl:" + hashlib.sha256(sums.read_bytes()).hexdigest()[:16]
-    if init == "imagenet":
+    if init.kind == "imagenet":
         return f"imagenet:{Path(imagenet_weights).name if imagenet_weights else 'auto'}"
-    return init
+    return init.kind
 
 
-def load_init(init: str, arch: str, data_channels: int, in_chans: int | None,
+def load_init(init: Init, arch: str, data_channels: int, in_chans: int | None,
               imagenet_weights: str | None) -> InitSource:
     """Build the backbone once (checking the weights) and derive its input recipe.
 
@@ -65,22 +62,22 @@ def load_init(init: str, arch: str, data_channels: int, in_chans: int | None,
     from medssl.models import backbone_input_cfg, create_backbone
 
     window = None
-    if init.startswith("ssl:"):
+    if init.is_ssl:
         chans, window = _published_input(init)
     else:
         chans = in_chans or data_channels
-    kwargs = {"imagenet_weights": imagenet_weights} if init == "imagenet" else {}
+    kwargs = {"imagenet_weights": imagenet_weights} if init.kind == "imagenet" else {}
 
     def make() -> nn.Module:
         return create_backbone(arch, chans, init, **kwargs)
 
     cfg = backbone_input_cfg(make())
-    return InitSource(init=init, label=display_name(init), in_chans=chans,
+    return InitSource(init=init, label=init.label, in_chans=chans,
                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), window=window, make=make)
 
 
-def _published_input(init: str) -> tuple[int, tuple[float, float] | None]:
-    path = Path(init[4:]).expanduser() / "config.json"
+def _published_input(init: Init) -> tuple[int, tuple[float, float] | None]:
+    path = init.path / "config.json"
     if not path.is_file():
         raise MedsslError(f"inits: {init}: {path} not found; is it a `medssl publish` dir?")
     pcfg = json.loads(path.read_text()).get("pretrained_cfg") or {}

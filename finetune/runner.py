@@ -15,9 +15,8 @@ cached once per (task, init).
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -27,27 +26,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from finetune.cells import CellStore, cell_key
+from finetune.cells import CellSpec, CellStore, cell_key
 from finetune.config import FinetuneRunConfig, TaskConfig
 from finetune.features import cached_features
 from finetune.fractions import draw_subset
 from finetune.full import run_finetune
-from finetune.inits import display_name, fingerprint, load_init
+from finetune.inits import fingerprint, load_init
 from finetune.knn import run_knn
 from finetune.linear import run_linear
 from finetune.metrics import evaluate
 from finetune.preprocess import Preprocessor
-from finetune.report import (
-    aggregate_task,
-    plot_task,
-    resampling_of,
-    summaries_to_json,
-    write_report,
-)
+from finetune.aggregate import aggregate_task, resampling_of
+from finetune.plots import plot_task
+from finetune.report import write_report
 from finetune.tasks import SPLITS, TaskData, load_task
 from finetune.tracking import Tracker
 from medssl.config import git_sha, load_config, save_config, to_dict
 from medssl.errors import MedsslError
+from medssl.init import Init
+from medssl.results import CellRow, Results
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +57,8 @@ def finetune_command(config_path: Path, overrides: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     results = run_suite(cfg)
-    n_ok = sum(r["status"] == "ok" for r in results["rows"])
-    n_skip = len(results["rows"]) - n_ok
+    n_ok = sum(r.status == "ok" for r in results.rows)
+    n_skip = len(results.rows) - n_ok
     print(f"finetune: {n_ok} cells ok, {n_skip} skipped; report: {out / 'report.md'}")
     return 0
 
@@ -80,7 +77,7 @@ def _preflight(cfg: FinetuneRunConfig) -> None:
         elif not (Path(task.path) / "index.json").is_file():
             raise MedsslError(f"tasks: {task.name}: {Path(task.path) / 'index.json'} not found; "
                               "point path at a folder written by `medssl shard --recipe ...`")
-    for init in cfg.inits:
+    for init in cfg.init_list:
         fingerprint(init, cfg.imagenet_weights)  # raises for a missing published dir
     if cfg.imagenet_weights and not Path(cfg.imagenet_weights).is_file():
         raise MedsslError(f"imagenet_weights: {cfg.imagenet_weights} not found")
@@ -92,14 +89,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_suite(cfg: FinetuneRunConfig) -> dict:
-    """Run the grid; write results.json, report.md and plots; return the results dict."""
+def run_suite(cfg: FinetuneRunConfig) -> Results:
+    """Run the grid; write results.json, report.md and plots; return the results record."""
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     store = CellStore(out)
     tracker = Tracker(cfg, out)
-    rows: list[dict] = []
-    aggregates: list[dict] = []
+    rows: list[CellRow] = []
+    aggregates = []
     tasks_info: dict[str, dict] = {}
     try:
         for task_cfg in cfg.tasks:
@@ -108,16 +105,14 @@ def run_suite(cfg: FinetuneRunConfig) -> dict:
             tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS},
                                      "resampling": {"unit": unit.unit, "n_units": unit.n_units}}
             task_rows = _run_task(cfg, task_cfg, task, store, tracker, device)
-            scores = {r["key"]: store.scores(r["key"]) for r in task_rows if r["status"] == "ok"}
+            scores = {r.key: store.scores(r.key) for r in task_rows if r.status == "ok"}
             task_aggs = aggregate_task(task, task_rows, scores, cfg)
             plot_task(out / "plots" / f"{task.name}.png", task.name, cfg, task_aggs)
             rows += task_rows
             aggregates += task_aggs
-        results = summaries_to_json({
-            "format": "medssl-finetune-results/1", "git_sha": git_sha(), "config": to_dict(cfg),
-            "tasks": tasks_info, "rows": rows, "aggregates": aggregates,
-        })
-        _write_json(out / "results.json", results)
+        results = Results(git_sha=git_sha(), config=to_dict(cfg), tasks=tasks_info, rows=rows,
+                          aggregates=aggregates)
+        results.write(out / "results.json")
         write_report(out / "report.md", cfg, tasks_info, rows, aggregates)
         tracker.finish(rows, aggregates)
     finally:
@@ -126,7 +121,7 @@ def run_suite(cfg: FinetuneRunConfig) -> dict:
 
 
 def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, store: CellStore,
-              tracker: Tracker, device: torch.device) -> list[dict]:
+              tracker: Tracker, device: torch.device) -> list[CellRow]:
     train = task.splits["train"]
     labels = {s: task.splits[s].labels for s in SPLITS}
     subsets = {(f, s): draw_subset(train.labels, f, s, train.patients, task.multilabel)
@@ -134,10 +129,10 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
     common = {"task": task.fingerprint, "arch": cfg.model.arch, "in_chans": cfg.model.in_chans,
               "input_size": cfg.input_size, "interpolation": cfg.interpolation}
     protocol_cfg = {"knn": to_dict(cfg.knn), "linear": to_dict(cfg.linear), "finetune": to_dict(cfg.finetune)}
-    rows = []
-    for init in cfg.inits:
+    rows: list[CellRow] = []
+    for init in cfg.init_list:
         fp = fingerprint(init, cfg.imagenet_weights)
-        cells = []
+        cells: list[CellSpec] = []
         # Seed outermost: with random weights each seed has its own features, loaded once.
         for seed in cfg.seeds:
             for protocol in cfg.protocols:
@@ -145,15 +140,15 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
                     key = cell_key(**common, init=_cell_init(fp, init, protocol, cfg.seed),
                                    protocol=protocol, settings=protocol_cfg[protocol],
                                    fraction=fraction, seed=seed)
-                    cells.append((protocol, fraction, seed, key))
-        todo = [c for c in cells if c[3] not in store]
+                    cells.append(CellSpec(protocol, fraction, seed, key))
+        todo = [c for c in cells if c.key not in store]
         # A reused cell takes this run's names: a renamed task or a moved ssl dir with the same
         # SHA256SUMS is the same cell.
-        rows += [dict(store.rows[c[3]], task=task.name, init=init, init_label=display_name(init))
-                 for c in cells if c[3] in store]
+        rows += [dataclasses.replace(store.rows[c.key], task=task.name, init=str(init), init_label=init.label)
+                 for c in cells if c.key in store]
         if not todo:
             continue
-        log.info("%s / %s: %d cells to run, %d already finished", task.name, display_name(init),
+        log.info("%s / %s: %d cells to run, %d already finished", task.name, init.label,
                  len(todo), len(cells) - len(todo))
         try:
             source = load_init(init, cfg.model.arch, task.channels, cfg.model.in_chans, cfg.imagenet_weights)
@@ -163,17 +158,19 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
             if not isinstance(exc, WeightsUnavailable):
                 raise
             log.warning("%s: skipping %s: %s", task.name, init, exc)
-            rows += [_row(task, init, p, f, s, k, len(subsets[(f, s)]), status="skipped", reason=str(exc))
-                     for p, f, s, k in todo]
+            rows += [_row(task, init, c, len(subsets[(c.fraction, c.seed)]), status="skipped", reason=str(exc))
+                     for c in todo]
             continue
         prep = Preprocessor(source, cfg.input_size, cfg.interpolation)
         loaded: tuple[str, dict[str, np.ndarray]] | None = None  # one feature set in memory at a time
-        for protocol, fraction, seed, key in tqdm(todo, desc=f"{task.name}/{display_name(init)}", leave=False):
-            idx = subsets[(fraction, seed)]
+        for cell in tqdm(todo, desc=f"{task.name}/{init.label}", leave=False):
+            protocol, seed = cell.protocol, cell.seed
+            idx = subsets[(cell.fraction, seed)]
             t0 = time.perf_counter()
             if protocol in ("knn", "linear"):
-                weights_seed = seed if init == "random" else cfg.seed
-                feat_key = (cell_key(**common, init=RANDOM_PER_SEED, seed=seed) if init == "random"
+                random = init.kind == "random"
+                weights_seed = seed if random else cfg.seed
+                feat_key = (cell_key(**common, init=RANDOM_PER_SEED, seed=seed) if random
                             else cell_key(**common, init=fp))
                 if loaded is None or loaded[0] != feat_key:
                     path = Path(cfg.output_dir) / "features" / f"{task.name}-{feat_key}.npz"
@@ -189,11 +186,10 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
                 result = run_finetune(source.make, task, idx, prep, cfg.finetune, device, seed,
                                       cfg.feature_batch_size)
             if "error" in result:
-                rows.append(_row(task, init, protocol, fraction, seed, key, len(idx), status="skipped",
-                                 reason=result["error"]))
+                rows.append(_row(task, init, cell, len(idx), status="skipped", reason=result["error"]))
                 continue
             auc, acc = evaluate(labels["test"], result["test_scores"], task.task)
-            row = _row(task, init, protocol, fraction, seed, key, len(idx), status="ok", auc=auc, acc=acc,
+            row = _row(task, init, cell, len(idx), status="ok", auc=auc, acc=acc,
                        val_auc=result["val_auc"], chosen=result["chosen"],
                        seconds=round(time.perf_counter() - t0, 3))
             store.add(row, result["test_scores"])
@@ -208,11 +204,11 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
 RANDOM_PER_SEED = "random:weights-from-cell-seed"
 
 
-def _cell_init(fp: str, init: str, protocol: str, run_seed: int) -> str:
+def _cell_init(fp: str, init: Init, protocol: str, run_seed: int) -> str:
     """The init part of a cell key. Random frozen features: RANDOM_PER_SEED. Random full
     fine-tuning always drew its weights from the cell's seed (run_finetune seeds torch first), so
     its key keeps its old form and finished fine-tuning cells, the costly ones, stay valid."""
-    if init != "random":
+    if init.kind != "random":
         return fp
     return f"random:seed{run_seed}" if protocol == "finetune" else RANDOM_PER_SEED
 
@@ -222,18 +218,8 @@ def _seeded(make: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
     return make()
 
 
-def _row(task: TaskData, init: str, protocol: str, fraction: float, seed: int, key: str, n_train: int,
-         status: str, reason: str = "", **metrics: object) -> dict:
-    row = {"task": task.name, "init": init, "init_label": display_name(init), "protocol": protocol,
-           "fraction": fraction, "seed": seed, "n_train": int(n_train), "status": status,
-           "reason": reason, "auc": None, "acc": None, "key": key}
-    row.update(metrics)
-    if isinstance(row["auc"], float) and not np.isfinite(row["auc"]):
-        row["auc"] = float("nan")
-    return row
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    os.replace(tmp, path)
+def _row(task: TaskData, init: Init, cell: CellSpec, n_train: int, status: str, reason: str = "",
+         **metrics: object) -> CellRow:
+    return CellRow(task=task.name, init=str(init), init_label=init.label, protocol=cell.protocol,
+                   fraction=cell.fraction, seed=cell.seed, n_train=int(n_train), status=status,
+                   key=cell.key, reason=reason, **metrics)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from finetune.config import FinetuneRunConfig
 from medssl.config import to_dict
+from medssl.results import Aggregate, CellRow
 
 log = logging.getLogger(__name__)
 
@@ -29,22 +30,22 @@ class Tracker:
         self.run = wandb.init(project=cfg.logging.wandb_project, mode=cfg.logging.wandb, dir=str(out),
                               id=run_id, resume="allow", config=to_dict(cfg), job_type="finetune")
 
-    def log_row(self, row: dict) -> None:
+    def log_row(self, row: CellRow) -> None:
         if self.run is None:
             return
-        prefix = f"{row['task']}/{row['protocol']}/{row['init_label']}/frac{row['fraction']:g}"
-        self.run.log({f"{prefix}/auc": row["auc"], f"{prefix}/acc": row["acc"], "cell_seed": row["seed"]})
+        prefix = f"{row.task}/{row.protocol}/{row.init_label}/frac{row.fraction:g}"
+        self.run.log({f"{prefix}/auc": row.auc, f"{prefix}/acc": row.acc, "cell_seed": row.seed})
 
-    def finish(self, rows: list[dict], aggregates: list[dict]) -> None:
+    def finish(self, rows: list[CellRow], aggregates: list[Aggregate]) -> None:
         if self.run is None:
             return
         import wandb
 
         cols = ["task", "init_label", "protocol", "fraction", "seed", "status", "auc", "acc", "n_train", "reason"]
-        self.run.log({"results": wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])})
+        self.run.log({"results": wandb.Table(columns=cols, data=[[getattr(r, c) for c in cols] for r in rows])})
         acols = ["task", "init_label", "protocol", "fraction", "auc_mean", "acc_mean", "n_seeds",
                  "n_effective_seeds", "resampling", "n_units"]
-        table = [[a.get(c) for c in acols] + [str(a.get("auc_ci")), str(a.get("acc_ci"))] for a in aggregates]
+        table = [[getattr(a, c) for c in acols] + [str(a.auc_ci), str(a.acc_ci)] for a in aggregates]
         self.run.log({"aggregates": wandb.Table(columns=acols + ["auc_ci", "acc_ci"], data=table)})
 
     def close(self) -> None:

@@ -9,11 +9,14 @@ card from data (modality codes, quarantine reasons) are filtered to short code-l
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from medssl.results import Results
 
 _CODE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
 _FORMAT = re.compile(r"^medssl-shards/\d+$")
@@ -38,7 +41,7 @@ class CardInfo:
     medssl_version: str = "unknown"
     index: dict[str, Any] | None = None
     index_sha256: str | None = None
-    results: dict[str, Any] | None = None
+    results: Results | None = None
     repo_id: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
 
@@ -150,50 +153,25 @@ def _training(info: CardInfo) -> str:
     return f"## Training\n\n| setting | value |\n|---|---|\n{table}\n"
 
 
-def _results(results: dict[str, Any] | None) -> str:
-    if not results:
+def _results(results: Results | None) -> str:
+    if results is None:
         return ""
-    aggregates = results.get("aggregates") if isinstance(results, dict) else None
-    if not aggregates:
-        aggregates = _aggregate_rows(results.get("rows") if isinstance(results, dict) else results)
-    if not aggregates:
-        return "## Benchmark results\n\nThe results file held no rows.\n"
+    if not results.aggregates:
+        return "## Benchmark results\n\nThe results file held no aggregates.\n"
     lines = ["## Benchmark results\n",
              "Downstream results from `medssl finetune` (mean over effective seeds; 95% bootstrap "
              "CI in brackets, resampling the unit shown: test patients, or images where a task "
              "has no patient ids).\n",
              "| task | init | protocol | label fraction | AUC | ACC | effective seeds | resampled |",
              "|---|---|---|---:|---|---|---:|---|"]
-    for agg in aggregates:
-        if not isinstance(agg, dict):
-            continue
+    for agg in results.aggregates:
         lines.append(
-            f"| {_cell(agg.get('task'))} | {_cell(agg.get('init'))} | {_cell(agg.get('protocol'))} | "
-            f"{_num(agg.get('fraction'))} | {_metric(agg, 'auc')} | {_metric(agg, 'acc')} | "
-            f"{_num(agg.get('n_effective_seeds', agg.get('n_seeds')))} | "
-            f"{_cell(agg.get('resampling', 'images'))} |"
+            f"| {_cell(agg.task)} | {_cell(agg.init_label)} | {_cell(agg.protocol)} | "
+            f"{_num(agg.fraction)} | {_metric(agg.auc_mean, agg.auc_ci)} | "
+            f"{_metric(agg.acc_mean, agg.acc_ci)} | {_num(agg.effective_seeds)} | "
+            f"{_cell(agg.resampling)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _aggregate_rows(rows: Any) -> list[dict[str, Any]]:
-    """Mean per (task, init, protocol, fraction) when a results file has rows but no aggregates."""
-    if not isinstance(rows, list):
-        return []
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        if isinstance(row, dict):
-            key = tuple(row.get(k) for k in ("task", "init", "protocol", "fraction"))
-            groups.setdefault(key, []).append(row)
-    out = []
-    for (task, init, protocol, fraction), members in groups.items():
-        agg: dict[str, Any] = {"task": task, "init": init, "protocol": protocol,
-                               "fraction": fraction, "n_seeds": len(members)}
-        for metric in ("auc", "acc"):
-            values = [r[metric] for r in members if isinstance(r.get(metric), (int, float))]
-            agg[f"{metric}_mean"] = sum(values) / len(values) if values else None
-        out.append(agg)
-    return out
 
 
 def _intended_use() -> str:
@@ -237,12 +215,10 @@ def _how_to_load(info: CardInfo) -> str:
     return text
 
 
-def _metric(agg: dict[str, Any], name: str) -> str:
-    mean = agg.get(f"{name}_mean", agg.get(name))
-    if not isinstance(mean, (int, float)):
+def _metric(mean: float | None, ci: list[float | None]) -> str:
+    if not isinstance(mean, (int, float)) or not math.isfinite(mean):
         return "–"
-    ci = agg.get(f"{name}_ci")
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+    if len(ci) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci):
         return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
     return f"{mean:.3f}"
 

@@ -24,6 +24,7 @@ import timm
 import torch
 
 from medssl.errors import MedsslError
+from medssl.init import Init
 from medssl.publish import hub_cache_dir, hub_online
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class _Weights:
 def create_backbone(
     arch: str,
     in_chans: int,
-    init: str = "random",
+    init: str | Init = "random",
     *,
     imagenet_weights: str | Path | None = None,
     **timm_kwargs: Any,
@@ -75,7 +76,7 @@ def create_backbone(
 def create_classifier(
     arch: str,
     in_chans: int = 3,
-    init: str = "imagenet",
+    init: str | Init = "imagenet",
     num_classes: int = 1000,
     *,
     imagenet_weights: str | Path | None = None,
@@ -89,7 +90,7 @@ def create_classifier(
 def _create(
     arch: str,
     in_chans: int,
-    init: str,
+    init: str | Init,
     num_classes: int,
     imagenet_weights: str | Path | None,
     timm_kwargs: dict[str, Any],
@@ -99,17 +100,16 @@ def _create(
     if not isinstance(in_chans, int) or in_chans < 1:
         raise MedsslError(f"model.in_chans must be a positive integer, got {in_chans!r}")
     kwargs = dict(timm_kwargs, in_chans=in_chans, num_classes=num_classes)
-    if init == "random":
+    init = Init.parse(init)
+    if init.kind == "random":
         return timm.create_model(arch, pretrained=False, **kwargs)
-    if init == "imagenet":
+    if init.kind == "imagenet":
         weights = _imagenet_weights(arch, imagenet_weights)
         log.info("%s: ImageNet weights from %s", arch, weights.source)
         # timm's loader pops keys it adapts (classifier, first conv): give it a copy.
         overlay = dict(weights.overlay, state_dict=dict(weights.state_dict))
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    if init.startswith("ssl:"):
-        return _create_ssl(arch, Path(init[4:]), kwargs)
-    raise MedsslError(f"init {init!r} is not one of: random, imagenet, ssl:DIR")
+    return _create_ssl(arch, init.path, kwargs)
 
 
 def _create_ssl(arch: str, directory: Path, kwargs: dict[str, Any]) -> torch.nn.Module:

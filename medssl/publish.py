@@ -30,6 +30,7 @@ from typing import Any
 from medssl import __version__
 from medssl.config import read_yaml_tree
 from medssl.errors import MedsslError
+from medssl.results import Results
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def publish_command(
         _check_push_possible(push_to_hub)      # fail before any work, not after
     config = _read_run_config(run_dir)
     ckpt_path = _latest_checkpoint(run_dir)
-    results_data = _read_results(results) if results is not None else None
+    results_data = Results.read(results) if results is not None else None
     _check_out_dir(out, run_dir)
 
     import timm
@@ -224,15 +225,6 @@ def _backbone_state(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     if not state:
         raise MedsslError(f"{path}: no keys start with backbone_prefix {prefix!r}")
     return state
-
-
-def _read_results(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MedsslError(f"{path}: results file not found") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MedsslError(f"{path}: not a readable results.json ({exc})") from exc
 
 
 def _read_shard_index(config: dict[str, Any], run_dir: Path) -> tuple[dict | None, str | None]:

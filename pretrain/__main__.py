@@ -1,4 +1,8 @@
-"""`python -m pretrain ...` is `medssl pretrain ...`."""
+"""``python -m pretrain ...`` is ``medssl pretrain ...``.
+
+A launcher shim, not stage code: it sits above the app layer like the ``medssl`` script does,
+which is why the layering test (tests/test_layers.py) lets ``__main__`` modules import it.
+"""
 
 import sys
 

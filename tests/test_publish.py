@@ -36,14 +36,17 @@ INDEX = {
     "modalities": {"CT": 1010},
 }
 RESULTS = {
-    "rows": [{"task": "pneumoniamnist", "init": "ssl", "protocol": "linear", "fraction": 1.0,
-              "seed": 0, "auc": 0.91, "acc": 0.85}],
+    "format": "medssl-finetune-results/1", "git_sha": "abc", "config": {}, "tasks": {},
+    "rows": [{"task": "pneumoniamnist", "init": "ssl:/x/ssl", "init_label": "ssl:ssl", "protocol": "linear",
+              "fraction": 1.0, "seed": 0, "n_train": 100, "status": "ok", "key": "k0", "auc": 0.91,
+              "acc": 0.85}],
     "aggregates": [
-        {"task": "pneumoniamnist", "init": "ssl", "protocol": "linear", "fraction": 1.0,
-         "auc_mean": 0.9123, "auc_ci": [0.9011, 0.9234], "acc_mean": 0.8512,
-         "acc_ci": [0.84, 0.86], "n_seeds": 3},
-        {"task": "pneumoniamnist", "init": "imagenet", "protocol": "linear", "fraction": 0.1,
-         "auc_mean": 0.8766, "n_seeds": 1},   # no CI: rendered without one
+        {"task": "pneumoniamnist", "init": "ssl:/x/ssl", "init_label": "ssl:ssl", "protocol": "linear",
+         "fraction": 1.0, "auc_mean": 0.9123, "auc_ci": [0.9011, 0.9234], "acc_mean": 0.8512,
+         "acc_ci": [0.84, 0.86], "n_seeds": 3, "n_effective_seeds": 1, "resampling": "patients",
+         "n_units": 40},
+        {"task": "pneumoniamnist", "init": "imagenet", "init_label": "imagenet", "protocol": "linear",
+         "fraction": 0.1, "auc_mean": 0.8766, "n_seeds": 1},   # no CI: rendered without one
     ],
 }
 
@@ -307,9 +310,9 @@ def test_vit_with_img_size_and_brace_pattern(tmp_path):
                            shards_spec=str(tmp_path / "shards" / "train-{000000..000003}.tar"),
                            pretrain_style=True)
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"rows": [
-        {"task": "demo", "init": f"ssl:{tmp_path}/out", "protocol": "linear", "fraction": 1.0,
-         "seed": s, "auc": 0.7 + s / 100, "acc": 0.6} for s in range(3)]}))
+    results.write_text(json.dumps({**RESULTS, "rows": [], "aggregates": [
+        {"task": "demo", "init": f"ssl:{tmp_path}/out", "init_label": "ssl:out", "protocol": "linear",
+         "fraction": 1.0, "auc_mean": 0.71, "acc_mean": 0.6, "n_seeds": 3, "n_effective_seeds": 3}]}))
     out = tmp_path / "out"
     publish_command(run, out, results=results)
     config = json.loads((out / "config.json").read_text())
@@ -319,7 +322,7 @@ def test_vit_with_img_size_and_brace_pattern(tmp_path):
     assert cfg["modality"] == "MR" and cfg["window"] == {"center": 300.0, "width": 600.0}
     assert cfg["intensity"].startswith("stored * slope")
     card = (out / "README.md").read_text()
-    assert "| demo | ssl:out | linear | 1 | 0.710 | 0.600 | 3 |" in card, card
+    assert "| demo | ssl:out | linear | 1 | 0.710 | 0.600 | 3 | images |" in card, card
     assert str(tmp_path) not in card and "| train.peak_lr | 0.0015 |" in card
     assert config["medssl"]["source_index_sha256"] is not None      # index found via the pattern
     assert "img_size=32" in (out / "README.md").read_text()

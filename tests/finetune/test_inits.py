@@ -11,6 +11,7 @@ import yaml
 from finetune_data import ARCH, write_medmnist_npz, write_published
 
 from finetune.inits import fingerprint, load_init
+from medssl.init import Init
 from finetune.runner import finetune_command
 from medssl.errors import MedsslError
 
@@ -18,7 +19,7 @@ from medssl.errors import MedsslError
 def test_ssl_init_loads_published_weights_and_recipe(tmp_path):
     pytest.importorskip("medssl.publish")
     folder, reference = write_published(tmp_path / "pub")
-    source = load_init(f"ssl:{folder}", ARCH, data_channels=3, in_chans=None, imagenet_weights=None)
+    source = load_init(Init.parse(f"ssl:{folder}"), ARCH, data_channels=3, in_chans=None, imagenet_weights=None)
     assert source.in_chans == 1 and source.mean == (0.5,) and source.std == (0.25,)
     assert source.window == (40.0, 400.0) and source.label == "ssl:pub"
     model = source.make().eval()
@@ -30,17 +31,17 @@ def test_ssl_init_loads_published_weights_and_recipe(tmp_path):
 def test_tampered_weights_are_refused(tmp_path):
     pytest.importorskip("medssl.publish")
     folder, _ = write_published(tmp_path / "pub")
-    before = fingerprint(f"ssl:{folder}", None)
+    before = fingerprint(Init.parse(f"ssl:{folder}"), None)
     data = bytearray((folder / "model.safetensors").read_bytes())
     data[-1] ^= 1
     (folder / "model.safetensors").write_bytes(bytes(data))
-    assert fingerprint(f"ssl:{folder}", None) == before  # the sums file did not change ...
+    assert fingerprint(Init.parse(f"ssl:{folder}"), None) == before  # the sums file did not change ...
     with pytest.raises(MedsslError, match="sha256"):     # ... but loading checks the files
-        load_init(f"ssl:{folder}", ARCH, 1, None, None)
+        load_init(Init.parse(f"ssl:{folder}"), ARCH, 1, None, None)
 
 
 def test_grayscale_imagenet_recipe_averages_rgb_stats():
-    source = load_init("random", "resnet18", data_channels=1, in_chans=None, imagenet_weights=None)
+    source = load_init(Init("random"), "resnet18", data_channels=1, in_chans=None, imagenet_weights=None)
     assert source.in_chans == 1
     assert source.mean[0] == pytest.approx(np.mean([0.485, 0.456, 0.406]))
     assert source.std[0] == pytest.approx(np.mean([0.229, 0.224, 0.225]))

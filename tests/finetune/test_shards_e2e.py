@@ -44,13 +44,14 @@ def test_shard_task_loading_and_windowing(tmp_path):
     assert train.labels.shape == (72, 4) and train.patients is not None
     assert len(set(train.patients) & set(task.splits["test"].patients)) == 0
     from finetune.inits import InitSource
+    from medssl.init import Init
     from finetune.preprocess import Preprocessor
 
     small = load_task(TaskConfig(name="ml", kind="shards", path=str(folder)), side=16)
     img = small.splits["train"].images[0]
     assert img.shape == (1, 16, 16) and img.dtype == np.uint16  # shrunk on load, dtype kept
     assert abs(float(img.mean()) - float(train.images[0].mean())) < 0.05 * float(train.images[0].mean())
-    src = InitSource("random", "random", 1, (0.5,), (0.25,), None, make=lambda: None)
+    src = InitSource(Init("random"), "random", 1, (0.5,), (0.25,), None, make=lambda: None)
     x = Preprocessor(src, 16, "bilinear")(train, np.arange(4))
     assert x.shape == (4, 1, 16, 16)
     assert -2.0 - 1e-5 <= float(x.min()) and float(x.max()) <= 2.0 + 1e-5  # [0,1] window, normalised

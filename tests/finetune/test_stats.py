@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from finetune.aggregate import aggregate_task
 from finetune.config import BootstrapConfig, FinetuneRunConfig, TaskConfig
 from finetune.metrics import evaluate
-from finetune.report import aggregate_task
 from finetune.stats import Resampling, bootstrap_group, effective_seeds
 from finetune.tasks import Split, TaskData
+from medssl.results import CellRow
 
 INITS = ["ssl:pub", "random"]
 
@@ -34,8 +35,8 @@ def _rows(labels: np.ndarray, per_init: dict[str, dict[int, np.ndarray]]):
         for seed, s in by_seed.items():
             auc, acc = evaluate(labels, s, "binary-class")
             key = f"{init}-{seed}"
-            rows.append({"protocol": "linear", "fraction": 1.0, "status": "ok", "init": init, "seed": seed,
-                         "auc": auc, "acc": acc, "key": key})
+            rows.append(CellRow(task="t", init=init, init_label=init, protocol="linear", fraction=1.0,
+                                seed=seed, n_train=10, status="ok", auc=auc, acc=acc, key=key))
             scores[key] = s
     return rows, scores
 
@@ -66,18 +67,18 @@ def test_identical_images_per_patient_give_the_one_image_per_patient_interval():
     many = aggregate_task(_task(rep_labels, rep_patients), *_rows(rep_labels, rep_scores), _cfg())
     assert len(one) == len(many) == 2
     for a, b in zip(one, many):
-        assert a["resampling"] == b["resampling"] == "patients"
-        assert a["n_units"] == b["n_units"] == n_patients
+        assert a.resampling == b.resampling == "patients"
+        assert a.n_units == b.n_units == n_patients
         for key in ("auc", "acc"):
-            assert b[f"{key}_mean"] == pytest.approx(a[f"{key}_mean"], abs=1e-12)
-            assert b[f"{key}_ci"] == pytest.approx(a[f"{key}_ci"], abs=1e-12)
-    diff_one, diff_many = one[1]["diff_vs_ssl"], many[1]["diff_vs_ssl"]
-    assert diff_many["auc_ci"] == pytest.approx(diff_one["auc_ci"], abs=1e-12)
-    assert diff_many["acc_ci"] == pytest.approx(diff_one["acc_ci"], abs=1e-12)
+            assert getattr(b, f"{key}_mean") == pytest.approx(getattr(a, f"{key}_mean"), abs=1e-12)
+            assert getattr(b, f"{key}_ci") == pytest.approx(getattr(a, f"{key}_ci"), abs=1e-12)
+    diff_one, diff_many = one[1].diff_vs_ssl, many[1].diff_vs_ssl
+    assert diff_many.auc_ci == pytest.approx(diff_one.auc_ci, abs=1e-12)
+    assert diff_many.acc_ci == pytest.approx(diff_one.acc_ci, abs=1e-12)
     # Resampling those images as if independent would have claimed a much narrower interval.
     naive = aggregate_task(_task(rep_labels, None), *_rows(rep_labels, rep_scores), _cfg())
-    assert naive[0]["resampling"] == "images" and naive[0]["n_units"] == n_patients * k
-    width = lambda a: a["auc_ci"][1] - a["auc_ci"][0]
+    assert naive[0].resampling == "images" and naive[0].n_units == n_patients * k
+    width = lambda a: a.auc_ci[1] - a.auc_ci[0]
     assert width(naive[0]) < 0.7 * width(many[0])
 
 
@@ -85,7 +86,7 @@ def test_medmnist_task_resamples_images():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, (120, 1))
     aggs = aggregate_task(_task(labels, None), *_rows(labels, _patient_scores(rng, 120, labels)), _cfg())
-    assert {a["resampling"] for a in aggs} == {"images"} and {a["n_units"] for a in aggs} == {120}
+    assert {a.resampling for a in aggs} == {"images"} and {a.n_units for a in aggs} == {120}
 
 
 def test_cluster_weights_are_patient_counts():

@@ -15,6 +15,7 @@ instead of starting over.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import time
@@ -23,6 +24,9 @@ from pathlib import Path
 from medssl.errors import MedsslError
 
 log = logging.getLogger(__name__)
+
+NAME = "demo"
+HELP = "the whole product on the synthetic corpus, on a CPU: synth, shard, pretrain, publish, finetune"
 
 #: Corpus of the demo: many patients with few slices each. 480 patients give SimCLR about 1,100
 #: unlabeled train slices and the patient-level val and test splits about 400 slices each, so
@@ -34,9 +38,28 @@ DEMO_SIZE = 128
 DEMO_SPLITS = "train=0.6,val=0.2,test=0.2"
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("medssl-demo"), metavar="DIR",
+                   help="folder for every stage's output (default ./medssl-demo); re-run to resume")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_demo(args.out)
+
+
+def run_command(argv: list[str]) -> int:
+    """Run ``medssl ARGV`` through the same command modules a user's command line reaches."""
+    from medssl.cli import finetune, pretrain, publish, shard, synth
+
+    command = {m.NAME: m for m in (synth, shard, pretrain, publish, finetune)}[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"medssl {command.NAME}")
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv[1:]))
+
+
 def repo_root() -> Path:
     """The checkout holding ``configs/`` and ``datasets/`` (medssl runs from a checkout)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / "configs" / "demo.yaml").is_file():
         raise MedsslError(
             f"{root}: configs/demo.yaml not found; run the demo from a medssl checkout "
@@ -47,8 +70,6 @@ def repo_root() -> Path:
 
 def run_demo(out: Path) -> int:
     """Run synth -> shard -> pretrain -> publish -> finetune into ``out``; returns an exit code."""
-    from medssl.cli import main
-
     root = repo_root()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +115,11 @@ def run_demo(out: Path) -> int:
         if argv[0] == "synth" and (corpus / "labels.csv").is_file():
             log.info("corpus already written; keeping it")
             continue
-        code = main(argv)
+        try:
+            code = run_command(argv)
+        except MedsslError as exc:
+            log.error("%s", exc)
+            code = 2
         if code != 0:
             log.error("demo stopped at step %d (%s); re-run `medssl demo --out %s` to resume",
                       number, what, out)

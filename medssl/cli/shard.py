@@ -1,0 +1,46 @@
+"""``medssl shard INPUT... --out DIR``: de-identify scans into patient-split WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "shard"
+HELP = "de-identify scans (DICOM, NIfTI, PNG/JPEG/TIFF) and write patient-split WebDataset shards"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                   help="scan files or folders (walked recursively); with a --recipe, the "
+                        "folder its manifest paths are relative to")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="shard folder to write; a re-run with the same arguments resumes or "
+                        "reports it complete")
+    p.add_argument("--recipe", type=Path, metavar="YAML",
+                   help="datasets/recipes/NAME.yaml: manifest, patient column, labels, splits")
+    p.add_argument("--splits", default="train=0.8,val=0.1,test=0.1", metavar="NAME=FRACTION,...",
+                   help="patient-level split fractions, summing to 1 (default train=0.8,val=0.1,test=0.1)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="reader processes (default 1); output bytes do not depend on it")
+    p.add_argument("--salt-file", type=Path, metavar="FILE",
+                   help="secret for pseudonyms (default: env MEDSSL_SALT, else <out>.salt beside "
+                        "the shard folder, created once); keep it private and outside the folder")
+    p.add_argument("--max-side", type=int, default=512, metavar="PX",
+                   help="shrink images whose longer side exceeds PX pixels (default 512)")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
+    p.add_argument("--report", type=Path, metavar="FILE",
+                   help="per-input JSONL report (default <out>.report.jsonl, beside the folder: "
+                        "it names source files, so never inside it)")
+    p.add_argument("--max-bad", type=float, default=1.0, metavar="FRACTION",
+                   help="exit 1 when more than this fraction (0..1) of inputs is quarantined")
+    p.add_argument("--allow-burned-in", action="store_true",
+                   help="keep images flagged BurnedInAnnotation=YES and secondary captures "
+                        "(check their pixels for names first)")
+    p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial",
+                   help="anatomical plane NIfTI volumes are cut along (default axial)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from medssl.data.shard import shard_command
+
+    return shard_command(args)
