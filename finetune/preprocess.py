@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from finetune.inits import InitSource
 from finetune.tasks import Split
+from medssl.sample import window_to_unit
 
 
 class Preprocessor:
@@ -34,7 +35,7 @@ class Preprocessor:
             batch = torch.from_numpy(split.images[np.asarray(indices)]).permute(0, 3, 1, 2).float() / 255.0
             batch = self._resize(batch)
         else:
-            images = [torch.from_numpy(self._unit(split, int(i)))[None] for i in indices]
+            images = [self._unit(split, int(i)) for i in indices]
             if len({tuple(t.shape) for t in images}) == 1:
                 batch = self._resize(torch.cat(images))
             else:  # sources of different sizes: resize one by one before stacking
@@ -48,19 +49,16 @@ class Preprocessor:
         kwargs = {} if self.mode == "nearest" else {"align_corners": False, "antialias": True}
         return F.interpolate(batch, size=(self.size, self.size), mode=self.mode, **kwargs)
 
-    def _unit(self, split: Split, i: int) -> np.ndarray:
-        """Shard sample ``i`` as float32 ``[C, H, W]`` in [0, 1]."""
+    def _unit(self, split: Split, i: int) -> torch.Tensor:
+        """Shard sample ``i`` as float32 ``[1, C, H, W]`` in [0, 1]."""
         img = split.images[i]
         if img.dtype == np.uint8:
-            return img.astype(np.float32) / 255.0
+            return torch.from_numpy(img.astype(np.float32) / 255.0)[None]
         offset, slope = split.intensity[i] if split.intensity else (0.0, 1.0)
-        values = img.astype(np.float32) * slope + offset
+        values = torch.from_numpy(img.astype(np.float32) * np.float32(slope) + np.float32(offset))[None]
         window = (split.windows[i] if split.windows else None) or self.source.window
-        if window is None:
-            lo, hi = float(values.min()), float(values.max())
-        else:
-            lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
-        return (values - lo) / max(hi - lo, 1e-6)
+        center, width = window if window is not None else (float("nan"), float("nan"))
+        return window_to_unit(values, torch.tensor([center]), torch.tensor([width]))
 
 
 def _match_channels(batch: torch.Tensor, in_chans: int) -> torch.Tensor:

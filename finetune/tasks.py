@@ -135,18 +135,15 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
     channels = None
     for split in SPLITS:
         images, labels, patients, intensity, windows = [], [], [], [], []
-        for _key, image, meta in _iter_split(root, split):
-            if meta.get("label") is None:
+        for sample in _iter_split(root, split):
+            if sample.label is None:
                 raise MedsslError(f"tasks: {cfg.name}: a {split} sample in {root} has no label")
-            images.append(_shrink(image, side))
-            lab = meta["label"]
-            labels.append(list(lab) if kind == "multilabel" else [int(lab)])
-            patients.append(str(meta.get("patient") or ""))
-            inten = meta.get("intensity") or {}
-            intensity.append((float(inten.get("offset", 0.0)), float(inten.get("slope", 1.0))))
-            win = meta.get("window")
-            windows.append((float(win["center"]), float(win["width"])) if win else None)
-            channels = channels or image.shape[0]
+            images.append(_shrink(sample.image, side))
+            labels.append(list(sample.label) if kind == "multilabel" else [int(sample.label)])
+            patients.append(str(sample.patient or ""))
+            intensity.append((sample.offset, sample.slope))
+            windows.append(sample.window)
+            channels = channels or sample.channels
         if not images:
             raise MedsslError(f"tasks: {cfg.name}: {root} has no {split} samples; re-shard with a {split} split")
         lab_arr = np.asarray(labels, dtype=np.int64)
@@ -175,7 +172,7 @@ def _read_index(root: Path) -> dict:
 
 
 def _iter_split(root: Path, split: str):
-    """Yield ``(key, image [C,H,W], meta)`` for one split via the shared shard reader."""
+    """Yield the ``ShardSample``s of one split via the shared shard reader."""
     from medssl.data.shards import iter_samples, list_shards
 
     yield from iter_samples(list_shards(str(root), split))

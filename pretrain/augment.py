@@ -26,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from medssl.sample import resolve_window
+from medssl.sample import window_to_unit as window_to_unit_core
 from pretrain.config import AugmentConfig
 
 
@@ -43,10 +45,10 @@ def window_to_unit(
 ) -> torch.Tensor:
     """Stored integers ``[B, C, H, W]`` -> float32 in [0, 1].
 
-    Grayscale (uint16 bits in int16, or any wider integer): ``value = stored * slope + offset`` in modality units, then the
-    window ``[center - width/2, center + width/2]`` maps to [0, 1]; centre and width (``[B]``,
-    modality units; NaN = no window, use the sample's min..max) are jittered per sample when
-    ``cfg`` and ``g`` are given. uint8 RGB is scaled by 1/255 and not windowed.
+    Grayscale (uint16 bits in int16, or any wider integer): ``value = stored * slope + offset``
+    in modality units, then the sample's window (``medssl.sample``: NaN = none, use min..max),
+    its centre and width jittered per sample when ``cfg`` and ``g`` are given. uint8 RGB is
+    scaled by 1/255 and not windowed.
     """
     if stored.dtype == torch.uint8:
         return stored.float() / 255.0
@@ -54,19 +56,13 @@ def window_to_unit(
     if stored.dtype == torch.int16:  # uint16 bits carried as int16 by the loader
         stored = stored.to(torch.int32) & 0xFFFF
     values = stored.float() * slope.view(b, 1, 1, 1) + offset.view(b, 1, 1, 1)
-    # No data-dependent branches: a host sync per batch would stall the accelerator queue.
-    no_window = ~torch.isfinite(center) | ~torch.isfinite(width) | (width <= 0)
-    lo = values.amin(dim=(1, 2, 3))
-    hi = values.amax(dim=(1, 2, 3))
-    center = torch.where(no_window, (lo + hi) / 2, center)
-    width = torch.where(no_window, (hi - lo).clamp_min(1e-6), width)
+    center, width = resolve_window(values, center, width)
     if cfg is not None and g is not None:
         shift = _uniform(b, -1, 1, g, device) * (cfg.window_center_jitter or 0.0)
         scale = 1 + _uniform(b, -1, 1, g, device) * (cfg.window_width_jitter or 0.0)
         center = center + shift * width
         width = width * scale
-    lo = (center - width / 2).view(b, 1, 1, 1)
-    return ((values - lo) / width.view(b, 1, 1, 1)).clamp_(0, 1)
+    return window_to_unit_core(values, center, width, resolve=False)
 
 
 def crop_flip_rotate(x: torch.Tensor, size: int, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:

@@ -2,8 +2,7 @@
 
 Readers (DICOM, NIfTI, images) turn a file into ``Slice`` objects; the shard writer turns each
 into a WebDataset sample: ``img.png`` plus an allow-listed ``json``. Training and evaluation
-read samples back with ``decode_image``. Keeping this contract in one file is what lets the
-three stages agree without importing each other.
+read samples back through ``medssl.sample.read_sample`` (the reading side of this contract).
 
 Intensity encoding. Grayscale slices are stored as 16-bit PNG. Stored value ``s`` maps back to
 modality units (HU for CT) as ``value = s * slope + offset``; both numbers live in the
@@ -148,9 +147,3 @@ def decode_image(png: bytes) -> np.ndarray:
         if pil.mode == "L":
             return np.asarray(pil, dtype=np.uint8)[None]
         return np.ascontiguousarray(np.asarray(pil.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
-
-
-def to_modality_units(stored: np.ndarray, meta: dict) -> np.ndarray:
-    """Invert ``encode_intensity``: stored uint16 -> float32 modality units (HU for CT)."""
-    intensity = meta.get("intensity") or {"offset": 0.0, "slope": 1.0}
-    return stored.astype(np.float32) * float(intensity["slope"]) + float(intensity["offset"])

@@ -1,6 +1,6 @@
 """Reading side of the shard format: find shards, read index.json, iterate decoded samples.
 
-Pretraining builds its own streaming loader on ``list_shards`` + ``sample.decode_image``;
+Pretraining builds its own streaming loader on ``list_shards`` + ``medssl.sample.read_sample``;
 fine-tuning and evaluation use ``iter_samples``, a plain deterministic WebDataset pipeline
 (no shuffling, every shard in order). A broken sample is counted and logged, and the
 iteration fails once more than ``max_errors`` were skipped: nothing is dropped silently.
@@ -15,12 +15,11 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from medssl.data.sample import decode_image
 from medssl.errors import MedsslError
+from medssl.sample import ShardSample, read_sample
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +108,11 @@ class ErrorBudget:
         return True
 
 
-def _decode(sample: dict) -> tuple[str, np.ndarray, dict]:
-    meta = json.loads(sample["json"])
-    if "cls" in sample and meta.get("label") is None:
-        meta["label"] = int(sample["cls"])
-    return sample["__key__"], decode_image(sample["img.png"]), meta
+def iter_samples(shards: list[str], max_errors: int = 0) -> Iterator[ShardSample]:
+    """Yield every sample as a ``medssl.sample.ShardSample``, in shard order then tar order.
 
-
-def iter_samples(shards: list[str], max_errors: int = 0) -> Iterator[tuple[str, np.ndarray, dict]]:
-    """Yield ``(key, image, meta)`` for every sample, in shard order then tar order.
-
-    ``image`` is ``[C, H, W]``: uint16 for grayscale, uint8 for RGB (``sample.decode_image``);
-    ``meta`` is the sample's json (``label`` included when a recipe gave one). Every process
-    reads every shard (no node or worker splitting): this is for caching labeled data.
+    Every process reads every shard (no node or worker splitting): this is for caching
+    labeled data.
     """
     if not shards:
         raise MedsslError("iter_samples: empty shard list")
@@ -129,7 +120,7 @@ def iter_samples(shards: list[str], max_errors: int = 0) -> Iterator[tuple[str, 
     dataset = (
         wds.WebDataset(list(shards), shardshuffle=False, handler=budget, nodesplitter=None,
                        workersplitter=None, empty_check=False)
-        .map(_decode, handler=budget)
+        .map(read_sample, handler=budget)
     )
     yield from dataset
     if budget.errors:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medssl.data.sample import decode_image, encode_intensity, encode_png, to_modality_units
+from medssl.data.sample import decode_image, encode_intensity, encode_png
+from medssl.sample import ShardSample
 
 
 def test_integer_ct_round_trips_exactly():
@@ -13,8 +14,8 @@ def test_integer_ct_round_trips_exactly():
     hu = rng.integers(-1024, 3071, size=(37, 41)).astype(np.int16)
     stored, offset, slope = encode_intensity(hu)
     assert stored.dtype == np.uint16 and slope == 1.0 and offset == hu.min()
-    back = to_modality_units(decode_image(encode_png(stored))[0], {"intensity": {"offset": offset, "slope": slope}})
-    np.testing.assert_array_equal(back, hu.astype(np.float32))
+    back = ShardSample("k", decode_image(encode_png(stored)), offset=offset, slope=slope).modality_units()
+    np.testing.assert_array_equal(back[0], hu.astype(np.float32))
 
 
 def test_float_volume_keeps_16_bit_precision():

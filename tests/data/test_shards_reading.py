@@ -85,17 +85,17 @@ def test_read_index_rejects_other_formats(folder):
 
 def test_iter_samples_order_decode_and_labels(folder):
     got = list(iter_samples(list_shards(folder)))
-    assert [k for k, _, _ in got] == ["a-0", "a-1", "b-0", "c-0"]
-    _, img, meta = got[1]
+    assert [s.key for s in got] == ["a-0", "a-1", "b-0", "c-0"]
+    img = got[1].image
     assert img.dtype == np.uint16 and img.shape == (1, 4, 5) and int(img[0, 0, 0]) == 1001
-    assert meta["label"] == 0 and meta["patient"] == "p-1"
-    assert got[2][1].dtype == np.uint8 and got[2][1].shape == (3, 4, 5)
-    assert "label" not in got[2][2]
-    assert got[3][2]["label"] == 2
+    assert got[1].label == 0 and got[1].patient == "p-1" and got[1].split == "train"
+    assert got[2].image.dtype == np.uint8 and got[2].image.shape == (3, 4, 5) and got[2].channels == 3
+    assert got[2].label is None
+    assert got[3].label == 2
     # same pixels as decoding the member directly
     with tarfile.open(folder / "train-000000.tar") as tar:
         raw = tar.extractfile("a-0.img.png").read()
-    np.testing.assert_array_equal(got[0][1], decode_image(raw))
+    np.testing.assert_array_equal(got[0].image, decode_image(raw))
 
 
 def test_broken_sample_is_counted_not_dropped_silently(tmp_path, caplog):
@@ -105,7 +105,7 @@ def test_broken_sample_is_counted_not_dropped_silently(tmp_path, caplog):
     with pytest.raises(MedsslError, match="1 broken shard samples, more than the 0 allowed"):
         list(iter_samples(shards))
     with caplog.at_level(logging.WARNING):
-        keys = [k for k, _, _ in iter_samples(shards, max_errors=1)]
+        keys = [s.key for s in iter_samples(shards, max_errors=1)]
     assert keys == ["x-0", "x-2"]
     assert "1 broken samples skipped" in caplog.text
 
