@@ -395,12 +395,13 @@ def _push(out: Path, repo: str) -> None:
 
 
 def hub_offline() -> bool:
-    """True when the user asked for no Hub access (``HF_HUB_OFFLINE``)."""
-    # Read the environment now: huggingface_hub snapshots HF_HUB_OFFLINE at import time.
-    from huggingface_hub import constants
+    """True when the user asks for no Hub access (``HF_HUB_OFFLINE`` in the environment now).
 
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+    The environment is read at each call, not huggingface_hub's ``constants.HF_HUB_OFFLINE``,
+    which is a snapshot taken when it was first imported: a process (or a test) that changes
+    the variable afterwards must be obeyed as it is now.
+    """
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def hub_online(timeout_s: float = 3.0) -> bool:

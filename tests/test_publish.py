@@ -335,11 +335,17 @@ def test_vit_with_img_size_and_brace_pattern(tmp_path):
         assert torch.equal(plain(x), method.backbone(x))
 
 
-def test_push_uploads_our_files_and_reports_failure_in_one_line(published, monkeypatch, tmp_path):
+@pytest.mark.parametrize("offline_at_import", [False, True])
+def test_push_uploads_our_files_and_reports_failure_in_one_line(published, monkeypatch, tmp_path,
+                                                                 offline_at_import):
     import huggingface_hub
+    from huggingface_hub import constants
 
     _, run, _, _ = published
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    # A suite started with HF_HUB_OFFLINE=1 has huggingface_hub's import-time snapshot set;
+    # what counts is the environment now.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_at_import)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr("medssl.publish.hub_online", lambda timeout_s=3.0: True)
     calls = []
