@@ -23,7 +23,7 @@ MEDMNIST_2D = (
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"
+    arch: str = "resnet18"        # timm architecture every init is built as
     #: Channels fed to the network; None = the task's own (1 for grayscale, 3 for RGB).
     #: An ssl init always uses its published in_chans (images are converted to match).
     in_chans: int | None = None
@@ -39,8 +39,8 @@ class ModelConfig:
 class TaskConfig:
     """One downstream task: a MedMNIST flag read from local npz files, or labeled shards."""
 
-    name: str = ""
-    kind: Literal["medmnist", "shards"] = "medmnist"
+    name: str = ""                # names the task in reports and file names
+    kind: Literal["medmnist", "shards"] = "medmnist"   # MedMNIST npz files, or labeled shards
     flag: str | None = None       # medmnist: e.g. breastmnist
     root: str | None = None       # medmnist: folder holding {flag}.npz / {flag}_{size}.npz
     size: int = 28                # medmnist: 28 | 64 | 128 | 224 (the npz file's native size)
@@ -91,7 +91,7 @@ class KnnConfig:
 class LinearConfig:
     #: Inverse L2 strengths tried; the best validation AUC wins.
     Cs: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0, 10.0])
-    max_iter: int = 1000
+    max_iter: int = 1000          # lbfgs iterations per fit
 
     def __post_init__(self) -> None:
         if not self.Cs or any(c <= 0 for c in self.Cs):
@@ -102,10 +102,10 @@ class LinearConfig:
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    epochs: int = 20              # at most; early stopping may end sooner
+    batch_size: int = 64          # images per optimizer step
+    lr: float = 1e-3              # AdamW peak learning rate, cosine schedule
+    weight_decay: float = 1e-4    # AdamW weight decay
     #: Epochs without a better validation AUC before stopping.
     patience: int = 5
     #: Random horizontal flips during training (off by default: MedMNIST baselines use none,
@@ -124,7 +124,7 @@ class BootstrapConfig:
     #: Replicates; each resamples the test patients (images where a task has no patient ids)
     #: and the effective seeds (see finetune/stats.py).
     n: int = 1000
-    confidence: float = 0.95
+    confidence: float = 0.95      # coverage of every interval in the report
 
     def __post_init__(self) -> None:
         if self.n < 10:
@@ -135,30 +135,30 @@ class BootstrapConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: Literal["online", "offline", "disabled"] = "disabled"
-    wandb_project: str = "medssl-finetune"
+    wandb: Literal["online", "offline", "disabled"] = "disabled"   # Weights & Biases logging mode
+    wandb_project: str = "medssl-finetune"   # Weights & Biases project name
 
 
 @dataclass
 class FinetuneRunConfig:
-    output_dir: str = "runs/finetune"
-    seed: int = 0
+    output_dir: str = "runs/finetune"   # results.json, report.md, plots; a re-run resumes here
+    seed: int = 0                 # bootstrap draws and the ImageNet/SSL feature pass
     model: ModelConfig = field(default_factory=ModelConfig)
     #: ``ssl:DIR`` (a published dir), ``imagenet``, ``random``.
     inits: list[str] = field(default_factory=lambda: ["imagenet", "random"])
     #: Local ImageNet weights (safetensors or a timm-layout file) used when the hub is unreachable.
     imagenet_weights: str | None = None
-    tasks: list[TaskConfig] = field(default_factory=list)
-    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))
-    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    tasks: list[TaskConfig] = field(default_factory=list)   # [{name, kind, flag/root/size or path}]
+    protocols: list[str] = field(default_factory=lambda: list(PROTOCOLS))  # knn, linear, finetune
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # of the train split
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # label subset, training, random weights
     #: Side in px the network sees; images are resized to it.
     input_size: int = 224
     #: nearest reproduces MedMNIST's "28 upsampled to 224"; bilinear is smoother.
     interpolation: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
     #: Batch size of frozen-feature extraction.
     feature_batch_size: int = 128
-    device: str = "auto"
+    device: str = "auto"          # auto (cuda when available), cpu, cuda[:N] or mps
     knn: KnnConfig = field(default_factory=KnnConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
