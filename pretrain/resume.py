@@ -121,9 +121,8 @@ def plan_run(cfg: PretrainConfig, urls: list[str], force_resume: bool) -> RunPla
 
     lock = FolderLock(out, "run dir").acquire()
     try:
-        again = _look(out)
-        if (again.kind, again.raw) != (state.kind, state.raw):   # changed while we checked
-            state = again
+        if _changed(out, state):                  # another command wrote it while we checked
+            state = _look(out)
             forced = _compare_config(cfg, state, force_resume)
         plan = RunPlan(kind=state.kind, record=state.record, forced=forced, legacy=state.legacy,
                        lock=lock)
@@ -146,6 +145,13 @@ def plan_run(cfg: PretrainConfig, urls: list[str], force_resume: bool) -> RunPla
         log.warning("--force-resume: continuing %s with changed settings: %s (recorded in %s)",
                     out, format_changes(plan.forced), RECORD_NAME)
     return plan
+
+
+def _changed(out: Path, state: _State) -> bool:
+    kind = dir_kind(out)
+    if kind != state.kind:
+        return True
+    return kind == "run" and record_path(out).read_bytes() != state.raw
 
 
 def _look(out: Path) -> _State:
@@ -171,8 +177,9 @@ def _load_legacy(out: Path) -> tuple[dict[str, Any], str]:
         assert path is not None
         ckpt = load_checkpoint(path)
     except MedsslError as exc:
+        first = str(exc).strip().splitlines()[0]
         raise MedsslError(f"{out}: a run dir from before {RECORD_NAME} whose latest checkpoint cannot "
-                          f"be adopted ({exc}); choose another output_dir") from None
+                          f"be adopted ({first}); choose another output_dir") from None
     if not isinstance(ckpt.get("config"), dict):
         raise MedsslError(f"{path}: records no config, so {out} cannot be adopted as this run; "
                           "choose another output_dir")
@@ -288,14 +295,14 @@ def record_start(plan: RunPlan, cfg: PretrainConfig, world_size: int, augment: d
 
     sha = git_sha()
     norm = augment["normalization"]
-    identity: dict[str, Any] = dict(
-        medssl_version=__version__, git_sha=sha, method=cfg.method.name, arch=cfg.model.arch,
-        in_chans=cfg.model.in_chans, input_size=cfg.augment.crop_size, model_kwargs=dict(cfg.model.kwargs),
-        intensity=Intensity(pipeline=str(augment["intensity"]), mean=list(norm["mean"]), std=list(norm["std"]),
-                            window_jitter=dict(augment.get("window_jitter") or {}),
-                            modality=data_intensity.get("modality"), unit=data_intensity.get("unit"),
-                            window=data_intensity.get("window")),
-        config=to_dict(cfg))
+    intensity = Intensity(pipeline=str(augment["intensity"]), mean=list(norm["mean"]), std=list(norm["std"]),
+                          window_jitter=dict(augment.get("window_jitter") or {}),
+                          modality=data_intensity.get("modality"), unit=data_intensity.get("unit"),
+                          window=data_intensity.get("window"))
+    identity: dict[str, Any] = {
+        "medssl_version": __version__, "git_sha": sha, "method": cfg.method.name, "arch": cfg.model.arch,
+        "in_chans": cfg.model.in_chans, "input_size": cfg.augment.crop_size,
+        "model_kwargs": dict(cfg.model.kwargs), "intensity": intensity, "config": to_dict(cfg)}
     sources = plan.report.sources if plan.report is not None else []
     if plan.record is None:
         record = RunRecord(**identity)

@@ -21,10 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 from medssl.data.shards import INDEX_NAME, read_index
 from medssl.errors import MedsslError
 from medssl.rundir import ShardSource
-from pretrain.tarcount import TarDamaged, count_samples
+from pretrain.tarcount import count_in_processes, count_or_reason
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,11 @@ def _sha256(path: str) -> str:
 
 
 def _counts(paths: list[str], workers: int) -> list[int | str]:
-    """Sample count of each tar, or the reason it cannot be read. Header parsing is Python
-    (GIL-bound), so many shards go to a process pool: 2,000 shards of 1,000 samples take
-    about 50 s in one process."""
+    """Sample count of each tar, or the reason it cannot be read; many shards are split over
+    child processes (2,000 shards of 1,000 samples take about 50 s in one)."""
     if len(paths) < _POOL_FROM or workers < 2:
-        return [_count_or_reason(p) for p in paths]
-    # spawn, not fork: the caller may hold threads (the loader's, wandb's) and CUDA state.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_count_or_reason, paths, chunksize=max(1, len(paths) // (4 * workers))))
+        return [count_or_reason(p) for p in paths]
+    return count_in_processes(paths, workers)
 
 
 def check_shards(urls: list[str], spec: str, split: str, mode: str,
@@ -86,6 +82,7 @@ def check_shards(urls: list[str], spec: str, split: str, mode: str,
     for url in local:
         by_folder[Path(url).resolve().parent].append(url)
     problems: list[str] = []
+    totals: list[str] = []          # reported after the shards: a bad shard explains a bad total
     sources: list[ShardSource] = []
     shards: list[_Shard] = []
     for folder, paths in sorted(by_folder.items()):
@@ -105,8 +102,8 @@ def check_shards(urls: list[str], spec: str, split: str, mode: str,
         if index is not None and Path(spec).is_dir():    # the whole split: its total must agree
             recorded = ((index.get("splits") or {}).get(split) or {}).get("samples")
             if recorded is not None and int(recorded) != samples:
-                problems.append(f"{folder / INDEX_NAME}: split {split!r} says {recorded} samples, "
-                                f"its shards list {samples}")
+                totals.append(f"{folder / INDEX_NAME}: split {split!r} says {recorded} samples, "
+                              f"its shards list {samples}")
         splits = sorted({str(info.get("split")) for info in mine})
         sources.append(ShardSource(
             folder=str(folder), split="+".join(splits) if splits else None, index_sha256=digest,
@@ -130,7 +127,7 @@ def check_shards(urls: list[str], spec: str, split: str, mode: str,
                 shard.facts["sha256"] = digest
         for shard in shards:
             shard.compare_sha()
-    problems += [f"{s.url}: {s.problem}" for s in shards if s.problem is not None]
+    problems += [f"{s.url}: {s.problem}" for s in shards if s.problem is not None] + totals
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise MedsslError(f"data.shards: {problems[0]}{more}; not training on incomplete data: "
@@ -173,13 +170,6 @@ class _Shard:
     def compare_sha(self) -> None:
         if self.problem is None and self.listed is not None and self.facts["sha256"] != self.listed.get("sha256"):
             self.problem = "sha256 differs from index.json (the file was changed or damaged)"
-
-
-def _count_or_reason(path: str) -> int | str:
-    try:
-        return count_samples(path)
-    except (TarDamaged, OSError) as exc:
-        return str(exc)
 
 
 def _index_of(folder: Path) -> tuple[dict[str, Any] | None, str | None]:

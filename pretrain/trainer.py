@@ -1,9 +1,12 @@
 """``medssl pretrain CONFIG [key=value ...]``: the training loop, top to bottom.
 
 accelerate handles devices, processes (DDP) and precision. Every run writes to
-``output_dir``: ``config.yaml`` (resolved, git SHA, intensity handling), ``metrics.jsonl``,
-``checkpoints/``, ``logs/shards_rank{R}.json``. Re-running the same command resumes from the
-newest checkpoint; a finished run exits 0 at once; SIGTERM/SIGUSR1 checkpoint and exit 75.
+``output_dir``: ``run.json`` (the run record, medssl/rundir.py), ``config.yaml`` (resolved, git
+SHA, intensity handling), ``metrics.jsonl``, ``checkpoints/``, ``logs/``. Before any of that,
+rank zero decides whether ``output_dir`` is a new run, this run resumed, or a folder to refuse,
+checks the shards and takes the run dir's lock (pretrain/resume.py). Re-running the same
+command resumes from the newest intact checkpoint; a finished run exits 0 at once;
+SIGTERM/SIGUSR1 checkpoint and exit 75; weights that are not finite stop the run unsaved.
 
 Randomness is a pure function of (seed, step, rank): each step reseeds the global torch RNG
 (MAE masks, dropout) and the augmentation generator, and the data stream is a function of
@@ -14,6 +17,7 @@ uninterrupted one on CPU, and lets a checkpoint from N ranks resume on M.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import time
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from medssl.config import load_config, save_config, to_dict
@@ -48,6 +52,7 @@ from pretrain.tracking import MetricsFile, start_wandb
 log = logging.getLogger("medssl.pretrain")
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, checkpointed, resumable
+PLAN_TIMEOUT = datetime.timedelta(hours=6)   # other ranks wait this long for rank zero's checks
 
 
 def pretrain_command(config_path: Path, overrides: list[str], force_resume: bool = False) -> int:
@@ -220,27 +225,35 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
 def _agree_on_plan(cfg: PretrainConfig, urls: list[str], force_resume: bool, accelerator: Accelerator,
                    held: contextlib.ExitStack) -> dict[str, Any]:
     """Rank zero decides what the run dir holds and locks it (pretrain/resume.py); every rank
-    learns the outcome, so a refusal ends every rank with the same one line instead of a hang."""
-    message: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        try:
-            plan = plan_run(cfg, urls, force_resume)
-        except MedsslError as exc:
-            message = {"error": str(exc), "config": isinstance(exc, ConfigError)}
-            broadcast_object_list([message])
-            raise
-        held.callback(plan.lock.release)
-        message = {"finished": plan.finished, "start": plan.start,
-                   "file": plan.resume.file if plan.resume else None}
-        broadcast_object_list([message])
-        return {**message, "plan": plan, "legacy": plan.legacy}
-    box = [message]
-    broadcast_object_list(box)
-    message = box[0]
-    if "error" in message:
-        kind = ConfigError if message["config"] else MedsslError
-        raise kind(message["error"])
-    return message
+    learns the outcome, so a refusal ends every rank with the same one line instead of a hang.
+
+    The outcome travels over a gloo group with a long timeout: checking a large corpus with
+    data.verify=full can outlast NCCL's 10-minute default while the other ranks wait.
+    """
+    group = None
+    if accelerator.num_processes > 1:
+        group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
+
+    def share(message: dict[str, Any]) -> dict[str, Any]:
+        box = [message]
+        if group is not None:
+            dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
+    if not accelerator.is_main_process:
+        message = share({})
+        if "error" in message:
+            raise (ConfigError if message["config"] else MedsslError)(message["error"])
+        return message
+    try:
+        plan = plan_run(cfg, urls, force_resume)
+    except MedsslError as exc:
+        share({"error": str(exc), "config": isinstance(exc, ConfigError)})
+        raise
+    held.callback(plan.lock.release)
+    message = share({"finished": plan.finished, "start": plan.start,
+                     "file": plan.resume.file if plan.resume else None})
+    return {**message, "plan": plan, "legacy": plan.legacy}
 
 
 def _restore(trainer: Pretrainer, accelerator: Accelerator, ckpt: dict[str, Any], path: Path) -> None:
