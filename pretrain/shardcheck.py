@@ -209,5 +209,5 @@ def write_cache(run_dir: str | Path, facts: dict[str, dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**read_cache(run_dir), **facts}
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": CACHE_FORMAT, "shards": merged}, indent=0) + "\n")
+    tmp.write_text(json.dumps({"format": CACHE_FORMAT, "shards": merged}, separators=(",", ":")) + "\n")
     os.replace(tmp, path)

@@ -247,8 +247,9 @@ def _agree_on_plan(cfg: PretrainConfig, urls: list[str], force_resume: bool, acc
         return message
     try:
         plan = plan_run(cfg, urls, force_resume)
-    except MedsslError as exc:
-        share({"error": str(exc), "config": isinstance(exc, ConfigError)})
+    except BaseException as exc:   # whatever stops rank zero must not leave the others waiting
+        text = str(exc) if isinstance(exc, MedsslError) else f"rank 0 failed: {type(exc).__name__}: {exc}"
+        share({"error": text, "config": isinstance(exc, ConfigError)})
         raise
     held.callback(plan.lock.release)
     message = share({"finished": plan.finished, "start": plan.start,

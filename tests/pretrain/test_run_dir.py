@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, run_cli, snapshot
 
 from medssl.lock import LOCK_NAME
@@ -66,6 +67,11 @@ def test_folder_with_only_a_stale_lock_starts_a_new_run(shard_dir, tmp_path, cap
 def test_run_dir_from_before_run_json_is_adopted_only_when_its_config_matches(shard_dir, run_copy, capsys):
     (run_copy / "run.json").unlink()
     (run_copy / "logs" / "shard_checks.json").unlink()
+    latest = run_copy / "checkpoints" / "step_00000006.pt"
+    ckpt = torch.load(latest, weights_only=True)
+    del ckpt["config"]["data"]["verify"]           # settings older code did not have
+    del ckpt["config"]["debug"]["nan_weights_at_step"]
+    torch.save(ckpt, latest)
     before = snapshot(run_copy)
     code, errors, _ = run_cli(capsys, *_args(shard_dir, run_copy, "train.max_steps=8", "seed=1"))
     assert code == 2 and len(errors) == 1
