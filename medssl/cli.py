@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--force-resume", action="store_true",
                    help="resume the run in output_dir although settings differ from its run.json "
-                        "(the changes are recorded there); model and method cannot change")
+                        "(the changes are recorded there); model.*, method.name and train.optimizer "
+                        "cannot change")
 
     p = sub.add_parser("publish", help="turn a run dir into timm-loadable weights and a model card")
     p.add_argument("run_dir", type=Path)
