@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="self-supervised pretraining; resumes from output_dir")
     p.add_argument("config", type=Path)
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume the run in output_dir although settings differ from its run.json "
+                        "(the changes are recorded there); model.*, method.name and train.optimizer "
+                        "cannot change")
 
     p = sub.add_parser("publish", help="turn a run dir into timm-loadable weights and a model card")
     p.add_argument("run_dir", type=Path)
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "pretrain":
         from pretrain.trainer import pretrain_command
 
-        return pretrain_command(args.config, args.overrides)
+        return pretrain_command(args.config, args.overrides, force_resume=args.force_resume)
     if args.command == "publish":
         from medssl.publish import publish_command
 

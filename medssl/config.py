@@ -9,6 +9,7 @@ with the git SHA so a run dir always says exactly what ran.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import subprocess
 import types
@@ -148,6 +149,18 @@ def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
 _YAML11_EXPONENT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
 
 
+def _check_finite(value: Any, name: str, where: str) -> None:
+    """Reject a NaN or infinity anywhere inside a free-form value (e.g. ``model.kwargs``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{name}.{key}", where)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{name}[{i}]", where)
+
+
 def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
     """Check ``value`` against the annotation ``hint``; convert where YAML is looser (int->float)."""
     origin = get_origin(hint)
@@ -188,8 +201,10 @@ def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {name} must be a mapping, got {value!r}")
+        _check_finite(value, name, where)
         return dict(value)
     if hint is Any:
+        _check_finite(value, name, where)
         return value
     if hint is bool:
         if isinstance(value, bool):
@@ -197,10 +212,14 @@ def _coerce(hint: Any, value: Any, name: str, where: str) -> Any:
         raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
-        raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+            number = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
+        else:
+            raise ConfigError(f"{where}: {name} must be a number, got {value!r}")
+        if not math.isfinite(number):   # YAML's .inf / .nan: no setting means that
+            raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+        return number
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
