@@ -240,11 +240,25 @@ def _members(hint: Any) -> tuple[Any, ...]:
     return (hint,)
 
 
+def _check_finite(value: Any, name: str, where: str) -> None:
+    """Reject a NaN or infinity anywhere inside a free-form value (e.g. ``model.kwargs``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {name} must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{name}.{key}", where)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{name}[{i}]", where)
+
+
 def _yaml_side(hint: Any, value: Any, name: str, where: str) -> Any:
     """What YAML gets wrong, fixed before pydantic sees the value (see module docstring)."""
     members = _members(hint)
     if value is None:
         return value
+    if any(m is Any or get_origin(m) is dict for m in members):
+        _check_finite(value, name, where)   # free-form: no typed field will look inside
     for member in members:
         if dataclasses.is_dataclass(member):
             if not isinstance(value, dict):

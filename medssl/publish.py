@@ -1,7 +1,8 @@
 """``medssl publish RUN_DIR --out DIR``: a pretraining run -> timm-loadable weights + model card.
 
-Reads ``RUN_DIR/config.yaml`` and the checkpoint named by ``checkpoints/latest.txt`` (the
-contract in docs/internals.md), and writes to ``DIR``:
+Reads ``RUN_DIR/config.yaml`` and the newest checkpoint of ``RUN_DIR/run.json`` (verified
+against the sha256 recorded there; a run dir from before run.json: the one named by
+``checkpoints/latest.txt``), refuses weights that are not all finite, and writes to ``DIR``:
 
 - ``model.safetensors``: the timm backbone's state dict only (``num_classes=0``);
 - ``config.json``: timm's hub layout plus modality, window and a ``medssl`` block;
@@ -31,6 +32,14 @@ from medssl import __version__
 from medssl.config import read_yaml_tree
 from medssl.errors import MedsslError
 from medssl.results import Results
+from medssl.rundir import (
+    RECORD_NAME,
+    checkpoint_problem,
+    newest_intact,
+    nonfinite_tensors,
+    read_record,
+    record_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +92,10 @@ def publish_command(
 
     backbone = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_chans, **timm_args)
     state = _backbone_state(ckpt, ckpt_path)
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise MedsslError(f"{ckpt_path}: {len(bad)} of {len(state)} backbone tensors hold NaN or "
+                          f"infinity (first: {bad[0]}); refusing to publish non-finite weights")
     try:
         result = backbone.load_state_dict(state, strict=False)
     except RuntimeError as exc:   # shape mismatch: e.g. in_chans or kwargs differ from the run
@@ -196,7 +209,23 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint, verified against run.json (its size and sha256) when the run dir
+    has one; a damaged newest checkpoint is refused, naming the newest intact one."""
+    record = read_record(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    if record is not None:
+        if not record.checkpoints:
+            raise MedsslError(f"{record_path(run_dir)}: lists no checkpoint; the run has not saved one yet")
+        newest = max(record.checkpoints, key=lambda e: e.step)
+        problem = checkpoint_problem(run_dir, newest)
+        if problem is not None:
+            intact, _ = newest_intact(run_dir, record)
+            hint = (f"the newest intact checkpoint is {intact.file} (step {intact.step}); re-run medssl "
+                    "pretrain to resume from it" if intact else "no recorded checkpoint is intact")
+            raise MedsslError(f"{ckpt_dir / newest.file}: {problem}; not publishing it ({hint})")
+        return ckpt_dir / newest.file
+    log.warning("%s: no %s (a run dir from before medssl recorded checkpoint digests); the "
+                "checkpoint's integrity cannot be verified", run_dir, RECORD_NAME)
     latest = ckpt_dir / "latest.txt"
     if not latest.is_file():
         raise MedsslError(f"{latest}: missing; the run has not saved a checkpoint yet")

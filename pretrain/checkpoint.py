@@ -1,8 +1,9 @@
 """Training checkpoints in ``<output_dir>/checkpoints`` and the stop-on-signal flag.
 
 Format (docs/internals.md): ``step_XXXXXXXX.pt`` holds a dict of tensors, numbers, strings and
-plain containers only, so ``torch.load(..., weights_only=True)`` reads it; ``latest.txt``
-names the newest and is replaced atomically after the checkpoint is complete.
+plain containers only, so ``torch.load(..., weights_only=True)`` reads it. Its sha256 and size
+go into the run record (``run.json``, medssl/rundir.py), which resume and publish check before
+trusting the file; ``latest.txt`` names the newest and is replaced atomically after both.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from medssl.errors import MedsslError
+from medssl.rundir import CheckpointEntry, RunRecord, add_checkpoint, sha256_file, write_record
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +53,32 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def save_checkpoint(output_dir: str | Path, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` as ``step_XXXXXXXX.pt``, point ``latest.txt`` at it, keep the newest ``keep``."""
+def save_checkpoint(output_dir: str | Path, state: dict[str, Any], keep: int,
+                    record: RunRecord) -> CheckpointEntry:
+    """Write ``state`` as ``step_XXXXXXXX.pt`` and record its sha256, then point ``latest.txt``
+    at it and delete the recorded checkpoints past the newest ``keep``.
+
+    Order matters for a crash at any point: the file is complete before it gets its name,
+    ``run.json`` lists it before ``latest.txt`` names it, and an old file is deleted only
+    after the record no longer lists it. The caller has checked the weights are finite.
+    """
     folder = checkpoint_dir(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step_{int(state['step']):08d}.pt"
     tmp = folder / (name + ".tmp")
     torch.save({"format": FORMAT, **state}, tmp)
+    entry = CheckpointEntry(file=name, step=int(state["step"]), sha256=sha256_file(tmp),
+                            bytes=tmp.stat().st_size, weights_finite=True)
     os.replace(tmp, folder / name)
+    dropped = add_checkpoint(record, entry, keep)
+    write_record(output_dir, record)
     marker_tmp = folder / (LATEST + ".tmp")
     marker_tmp.write_text(name + "\n")
     os.replace(marker_tmp, folder / LATEST)
-    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
-        old.unlink()
-    return folder / name
+    for old in dropped:
+        if old.file != name:
+            (folder / old.file).unlink(missing_ok=True)
+    return entry
 
 
 def capture_rng(augment_generator: torch.Generator) -> dict[str, Any]:

@@ -32,6 +32,9 @@ class DataConfig:
     prefetch_factor: int = 4       # batches prefetched per worker
     pin_memory: bool = True        # only used when training on a GPU
     max_bad_samples: int = 100     # undecodable samples tolerated per worker before failing
+    # Shard check before step 1 (pretrain/shardcheck.py): quick = exists, size, tar-header
+    # sample count against index.json; full = also sha256 (cached per run dir by size+mtime).
+    verify: Literal["quick", "full"] = "quick"
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "data.num_workers must be >= 0 (0 reads in the main process)")
@@ -184,6 +187,7 @@ class DebugConfig:
     nan_at_steps: list[int] = field(default_factory=list)   # make the loss NaN at these (1-based) steps
     dump_rank_weights: bool = False   # each rank writes debug/rank{R}.safetensors at the end
     step_sleep: float = 0.0           # seconds slept per step, so a test can signal mid-run
+    nan_weights_at_step: int = 0      # after this (1-based) step, set one weight to NaN (0: never)
 
 
 @dataclass

@@ -119,11 +119,17 @@ class ShardStream(IterableDataset):
                  shuffle_initial: int, max_bad_samples: int, skip_batches: int = 0):
         super().__init__()
         self.slices = worker_shards(urls, rank, world_size, num_workers)
+        self._urls = frozenset(urls)
         self.rank, self.num_workers, self.seed = rank, max(1, num_workers), seed
         self.batch_size, self.load_size, self.in_chans = batch_size, load_size, in_chans
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_bad_samples, self.skip_batches = max_bad_samples, skip_batches
-        self.bad = 0
+        self.bad_samples: set[tuple[str, str]] = set()   # (shard, sample key or error) seen bad
+
+    @property
+    def bad(self) -> int:
+        """Distinct unreadable samples met by this worker (each once, however many passes)."""
+        return len(self.bad_samples)
 
     def _shard_cycle(self, worker: int) -> Iterator[dict[str, str]]:
         mine = self.slices[worker]
@@ -133,8 +139,20 @@ class ShardStream(IterableDataset):
             for url in order:
                 yield {"url": url}
 
-    def _on_error(self, exn: Exception) -> bool:
-        self.bad += 1
+    def _on_error(self, exn: Exception, sample: dict[str, Any] | None = None) -> bool:
+        """Count a bad sample once, however many passes meet it; fail past the budget.
+
+        ``sample``: the raw sample when decoding failed; for a tar-level error WebDataset
+        appends the shard's url to ``exn.args`` and the error text stands for the key.
+        """
+        if sample is not None:
+            where = (str(sample.get("__url__")), str(sample.get("__key__")))
+        else:
+            url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in self._urls), "?")
+            where = (url, f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
+        if where in self.bad_samples:
+            return True
+        self.bad_samples.add(where)
         log.warning("skipping unreadable shard sample (%d so far): %s", self.bad, exn)
         if self.bad > self.max_bad_samples:
             raise MedsslError(f"data.shards: more than data.max_bad_samples={self.max_bad_samples} "
@@ -158,7 +176,7 @@ class ShardStream(IterableDataset):
             except MedsslError:
                 raise
             except Exception as exn:  # noqa: BLE001  a corrupt PNG or json: counted, bounded, never silent
-                self._on_error(exn)
+                self._on_error(exn, raw)
                 continue
             if item["image"].shape[0] != self.in_chans:
                 raise MedsslError(f"{raw.get('__url__', 'shard')}: sample has {item['image'].shape[0]} "

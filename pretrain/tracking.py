@@ -16,15 +16,32 @@ class MetricsFile:
     """Append-only JSON lines; on resume, lines past the checkpoint's step are dropped first.
 
     Those lines were logged after the last checkpoint by the interrupted run; the resumed run
-    logs the same steps again, and a step must appear once.
+    logs the same steps again, and a step must appear once. A line that is not JSON (the last
+    one, cut short by a crash mid-write) is dropped with a warning instead of blocking the
+    resume. The truncated file replaces the old one atomically.
     """
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept, torn = [], 0
+            for line in path.read_text(errors="replace").splitlines():
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    step = int(record.get("step", 0))
+                except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+                    torn += 1
+                    continue
+                if step <= resume_step:
+                    kept.append(line)
+            if torn:
+                log.warning("%s: dropped %d unreadable line(s) (a write cut short by a crash); "
+                            "keeping the %d lines up to step %d", path, torn, len(kept), resume_step)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

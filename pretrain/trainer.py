@@ -1,9 +1,12 @@
 """``medssl pretrain CONFIG [key=value ...]``: the training loop, top to bottom.
 
 accelerate handles devices, processes (DDP) and precision. Every run writes to
-``output_dir``: ``config.yaml`` (resolved, git SHA, intensity handling), ``metrics.jsonl``,
-``checkpoints/``, ``logs/shards_rank{R}.json``. Re-running the same command resumes from the
-newest checkpoint; a finished run exits 0 at once; SIGTERM/SIGUSR1 checkpoint and exit 75.
+``output_dir``: ``run.json`` (the run record, medssl/rundir.py), ``config.yaml`` (resolved, git
+SHA, intensity handling), ``metrics.jsonl``, ``checkpoints/``, ``logs/``. Before any of that,
+rank zero decides whether ``output_dir`` is a new run, this run resumed, or a folder to refuse,
+checks the shards and takes the run dir's lock (pretrain/resume.py). Re-running the same
+command resumes from the newest intact checkpoint; a finished run exits 0 at once;
+SIGTERM/SIGUSR1 checkpoint and exit 75; weights that are not finite stop the run unsaved.
 
 Randomness is a pure function of (seed, step, rank): each step reseeds the global torch RNG
 (MAE masks, dropout) and the augmentation generator, and the data stream is a function of
@@ -14,6 +17,7 @@ uninterrupted one on CPU, and lets a checkpoint from N ranks resume on M.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import time
@@ -28,15 +32,9 @@ from tqdm import tqdm
 
 from medssl.config import load_config, save_config, to_dict
 from medssl.errors import ConfigError, MedsslError
+from medssl.rundir import RunRecord, nonfinite_tensors, write_record
 from pretrain.augment import GpuAugment
-from pretrain.checkpoint import (
-    StopFlag,
-    capture_rng,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
+from pretrain.checkpoint import StopFlag, capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from pretrain.config import PretrainConfig, cosine_factor, resolve_method_defaults, scaled_lr
 from pretrain.data import (
     build_loader,
@@ -47,17 +45,24 @@ from pretrain.data import (
 )
 from pretrain.methods import BACKBONE_PREFIX, get_method
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.resume import RunPlan, plan_run, record_start
+from pretrain.shardcheck import write_cache
 from pretrain.tracking import MetricsFile, start_wandb
 
 log = logging.getLogger("medssl.pretrain")
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, checkpointed, resumable
+PLAN_TIMEOUT = datetime.timedelta(hours=6)   # other ranks wait this long for rank zero's checks
 
 
-def pretrain_command(config_path: Path, overrides: list[str]) -> int:
-    """CLI entry: validate the whole config, then train. Returns the exit code (0 / 75)."""
+def pretrain_command(config_path: Path, overrides: list[str], force_resume: bool = False) -> int:
+    """CLI entry: validate the whole config, then train. Returns the exit code (0 / 75).
+
+    ``force_resume``: continue the run in ``output_dir`` although settings differ from its
+    record (pretrain/resume.py); the differences are recorded in run.json.
+    """
     cfg = resolve_method_defaults(load_config(PretrainConfig, config_path, overrides))
-    return train(cfg)
+    return train(cfg, force_resume=force_resume)
 
 
 def _precision(requested: str) -> str:
@@ -148,46 +153,41 @@ class Pretrainer:
         return loss, not bad, bool(stop_all)
 
 
-def train(cfg: PretrainConfig) -> int:
+def train(cfg: PretrainConfig, force_resume: bool = False) -> int:
     """Run (or resume) pretraining as configured; returns the exit code."""
     # Installed before the slow set-up, so an early SIGTERM/SIGUSR1 still ends in a checkpoint.
-    with StopFlag() as stop:
-        return _train(cfg, stop)
+    with StopFlag() as stop, contextlib.ExitStack() as held:
+        return _train(cfg, stop, force_resume, held)
 
 
-def _train(cfg: PretrainConfig, stop: StopFlag) -> int:
+def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contextlib.ExitStack) -> int:
     out = Path(cfg.output_dir)
-    latest = latest_checkpoint(out)
-    ckpt = load_checkpoint(latest) if latest is not None else None
-    start = int(ckpt["step"]) if ckpt else 0
-    if start >= cfg.train.max_steps:
-        log.info("%s: already finished (step %d of train.max_steps=%d); nothing to do",
-                 out, start, cfg.train.max_steps)
-        return 0
-    if ckpt is not None:
-        _check_same_run(cfg, ckpt, latest)
-
+    urls = resolve_shards(cfg.data.shards, cfg.data.split)
     # cpu=True when there is no accelerator: only then does accelerate (1.15) treat a torchrun
     # launch on CPU as multi-process (gloo) instead of N independent single-process runs.
     accelerator = Accelerator(mixed_precision=_precision(cfg.train.precision),
                               cpu=not torch.accelerator.is_available())
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     per_step = world * cfg.train.grad_accum
     if cfg.train.batch_size % per_step:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by "
                           f"{world} processes x train.grad_accum {cfg.train.grad_accum}")
     local_batch = cfg.train.batch_size // per_step
-    urls = resolve_shards(cfg.data.shards, cfg.data.split)
     slices = worker_shards(urls, rank, world, cfg.data.num_workers)
+
+    plan = _agree_on_plan(cfg, urls, force_resume, accelerator, held)
+    if plan["finished"]:
+        log.info("%s: already finished (step %d of train.max_steps=%d); nothing to do",
+                 out, plan["start"], cfg.train.max_steps)
+        return 0
+    start, latest = plan["start"], out / "checkpoints" / plan["file"] if plan["file"] else None
+    ckpt = None
+    if latest is not None:
+        ckpt = plan["legacy"] if plan.get("legacy") is not None else load_checkpoint(latest)
 
     trainer = Pretrainer(cfg, accelerator)
     if ckpt is not None:
-        trainer.unwrapped.load_state_dict(ckpt["model"])
-        trainer.optimizer.load_state_dict(ckpt["optimizer"])
-        trainer.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt["rng"], trainer.generator)
+        _restore(trainer, accelerator, ckpt, latest)
         layout = ckpt.get("data", {})
         if (layout.get("world_size"), layout.get("num_workers")) != (world, cfg.data.num_workers):
             log.warning("resuming with %d ranks x %d workers (checkpoint: %s x %s): the data order "
@@ -195,13 +195,20 @@ def _train(cfg: PretrainConfig, stop: StopFlag) -> int:
                         layout.get("world_size"), layout.get("num_workers"))
         log.info("resuming from %s (step %d)", latest, start)
 
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    record = None
+    if main:
+        run_plan: RunPlan = plan["plan"]
+        augment_record = trainer.augment.record()
+        data_intensity = summarize_intensity(urls)
+        record = record_start(run_plan, cfg, world, augment_record, data_intensity)
+        write_record(out, record)   # from here on the folder is this run's
+        if run_plan.report is not None:
+            write_cache(out, run_plan.report.cache)
         save_config(cfg, out / "config.yaml", extra={
             "resolved": {"world_size": world, "local_batch": local_batch,
                          "precision": accelerator.mixed_precision, "peak_lr": scaled_lr(cfg.train)},
-            **trainer.augment.record(),
-            "data_intensity": summarize_intensity(urls),
+            **augment_record,
+            "data_intensity": data_intensity,
         })
     accelerator.wait_for_everyone()
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -212,11 +219,62 @@ def _train(cfg: PretrainConfig, stop: StopFlag) -> int:
                           data_cfg=cfg.data, in_chans=cfg.model.in_chans,
                           skip_batches=start * cfg.train.grad_accum,
                           pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda")
-    return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls, stop)
+    return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls, stop, record)
+
+
+def _agree_on_plan(cfg: PretrainConfig, urls: list[str], force_resume: bool, accelerator: Accelerator,
+                   held: contextlib.ExitStack) -> dict[str, Any]:
+    """Rank zero decides what the run dir holds and locks it (pretrain/resume.py); every rank
+    learns the outcome, so a refusal ends every rank with the same one line instead of a hang.
+
+    The outcome travels over a gloo group with a long timeout: checking a large corpus with
+    data.verify=full can outlast NCCL's 10-minute default while the other ranks wait.
+    """
+    group = None
+    if accelerator.num_processes > 1:
+        group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
+
+    def share(message: dict[str, Any]) -> dict[str, Any]:
+        box = [message]
+        if group is not None:
+            dist.broadcast_object_list(box, src=0, group=group)
+        return box[0]
+
+    if not accelerator.is_main_process:
+        message = share({})
+        if "error" in message:
+            raise (ConfigError if message["config"] else MedsslError)(message["error"])
+        return message
+    try:
+        plan = plan_run(cfg, urls, force_resume)
+    except BaseException as exc:   # whatever stops rank zero must not leave the others waiting
+        text = str(exc) if isinstance(exc, MedsslError) else f"rank 0 failed: {type(exc).__name__}: {exc}"
+        share({"error": text, "config": isinstance(exc, ConfigError)})
+        raise
+    held.callback(plan.lock.release)
+    message = share({"finished": plan.finished, "start": plan.start,
+                     "file": plan.resume.file if plan.resume else None})
+    return {**message, "plan": plan, "legacy": plan.legacy}
+
+
+def _restore(trainer: Pretrainer, accelerator: Accelerator, ckpt: dict[str, Any], path: Path) -> None:
+    """Load a checkpoint's states; a --force-resume that changed a shape is one clear line."""
+    try:
+        trainer.unwrapped.load_state_dict(ckpt["model"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MedsslError(f"{path}: does not fit the configured model or optimizer ({first}); "
+                          "use another output_dir") from None
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"], trainer.generator)
 
 
 def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, loader: Any, start: int,
-          ckpt: dict[str, Any] | None, latest: Path | None, urls: list[str], stop: StopFlag) -> int:
+          ckpt: dict[str, Any] | None, latest: Path | None, urls: list[str], stop: StopFlag,
+          record: RunRecord | None) -> int:
     out, main = Path(cfg.output_dir), accelerator.is_main_process
     metrics = MetricsFile(out / "metrics.jsonl", start) if main else None
     run = None
@@ -237,7 +295,22 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
     def checkpoint() -> None:
         nonlocal last_good
         accelerator.wait_for_everyone()
+        # Loss and gradients were finite, yet weights can still overflow (a huge lr step, BN
+        # statistics): never save those as good. Every rank checks, all agree (one all-reduce).
+        state_dict = trainer.unwrapped.state_dict()
+        bad = nonfinite_tensors(state_dict)
+        flag = torch.tensor(float(bool(bad)), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            bar.close()
+            first = f" (first: {bad[0]})" if bad else ""
+            raise MedsslError(
+                f"step {step}: model weights are not finite in {len(bad)} of {len(state_dict)} tensors"
+                f"{first}; not saved as a checkpoint; last good checkpoint: {last_good}; lower train.lr "
+                f"or set train.clip_grad_norm, then resume with --force-resume, or use another output_dir")
         if main:
+            assert record is not None
             state = {
                 "step": step, "model": trainer.unwrapped.state_dict(), "backbone_prefix": BACKBONE_PREFIX,
                 "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
@@ -247,7 +320,8 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
                          "num_workers": cfg.data.num_workers},
                 "wandb_id": wandb_id, "config": to_dict(cfg), "skipped_steps": skipped,
             }
-            last_good = str(save_checkpoint(out, state, cfg.train.keep_checkpoints))
+            entry = save_checkpoint(out, state, cfg.train.keep_checkpoints, record)
+            last_good = str(out / "checkpoints" / entry.file)
         accelerator.wait_for_everyone()
 
     it = iter(loader)
@@ -255,6 +329,9 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
         batches = [next(it) for _ in range(cfg.train.grad_accum)]
         loss, finite, stop_all = trainer.step(batches, step, stop=stop.requested)
         step += 1
+        if step == cfg.debug.nan_weights_at_step:
+            with torch.no_grad():
+                next(trainer.unwrapped.parameters()).view(-1)[0] = float("nan")
         n_log += 1
         if finite:
             bad_streak = 0
@@ -276,18 +353,18 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
             mean_loss = accelerator.reduce(loss, reduction="mean").item()
             elapsed = time.perf_counter() - t_log
             lr = scaled_lr(cfg.train) * cosine_factor(step - 1, cfg.train)  # lr this step used
-            record = {"step": step, "loss": mean_loss, "lr": lr,
-                      "samples_per_s": n_log * cfg.train.batch_size / max(elapsed, 1e-9),
-                      "epoch": step / epoch_steps if not math.isnan(epoch_steps) else None,
-                      "skipped_steps": skipped}
+            row = {"step": step, "loss": mean_loss, "lr": lr,
+                   "samples_per_s": n_log * cfg.train.batch_size / max(elapsed, 1e-9),
+                   "epoch": step / epoch_steps if not math.isnan(epoch_steps) else None,
+                   "skipped_steps": skipped}
             t_log, n_log = time.perf_counter(), 0
             if main:
-                metrics.write(record)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+                metrics.write(row)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
                 if run is not None:
                     # No step=: after a resume wandb would drop steps it already saw from
-                    # the interrupted run; "step" is in the record for the x-axis instead.
-                    run.log(record)
+                    # the interrupted run; "step" is in the row for the x-axis instead.
+                    run.log(row)
         # Every rank must agree to stop (the flag rode the step's all-reduce), or one would
         # wait forever in the next collective.
         stopped = stop_all and step < cfg.train.max_steps
@@ -307,15 +384,6 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
         return EXIT_STOPPED
     log.info("finished %d steps; checkpoint %s", step, last_good)
     return 0
-
-
-def _check_same_run(cfg: PretrainConfig, ckpt: dict[str, Any], path: Path | None) -> None:
-    saved = ckpt.get("config", {})
-    for section, key in (("model", "arch"), ("model", "in_chans"), ("method", "name")):
-        old, new = saved.get(section, {}).get(key), getattr(getattr(cfg, section), key)
-        if old is not None and old != new:
-            raise ConfigError(f"{path}: output_dir holds a run with {section}.{key}={old!r}, config says "
-                              f"{new!r}; use another output_dir or restore the setting")
 
 
 def _dump_rank_weights(trainer: Pretrainer, out: Path, rank: int) -> None:

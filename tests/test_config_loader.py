@@ -99,3 +99,12 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
         load_config(Root, None, ["train.lr=fast"])
     with pytest.raises(ConfigError, match="train.max_steps must be a whole number"):
         load_config(Root, None, ["train.max_steps=1e3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=.inf", "train.lr"), ("train.lr=-.inf", "train.lr"), ("train.lr=.nan", "train.lr"),
+    ("train.betas=[.nan, 0.9]", r"train.betas\[0\]"),
+])
+def test_nonfinite_floats_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
+        load_config(Root, None, [override])

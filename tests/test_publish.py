@@ -375,3 +375,49 @@ def test_push_uploads_our_files_and_reports_failure_in_one_line(published, monke
         publish_command(run, out, push_to_hub="org/model")
     assert "\n" not in str(info.value)
     verify_published(out)     # the local publish is complete even though the push failed
+
+
+def _record(run: Path) -> None:
+    """run.json for a make_run dir, as pretrain writes it (medssl/rundir.py)."""
+    from medssl.rundir import CheckpointEntry, Intensity, RunRecord, sha256_file, write_record
+
+    entries = [CheckpointEntry(file=p.name, step=int(p.stem.split("_")[1]), sha256=sha256_file(p),
+                               bytes=p.stat().st_size, weights_finite=True)
+               for p in sorted((run / "checkpoints").glob("step_*.pt"))]
+    write_record(run, RunRecord(
+        medssl_version="0.1.0", git_sha="abc123def", method="simclr", arch="resnet18", in_chans=1,
+        input_size=32, model_kwargs={}, intensity=Intensity(pipeline="window", mean=[0.5], std=[0.25]),
+        config=yaml.safe_load((run / "config.yaml").read_text()), checkpoints=entries))
+
+
+def test_checkpoint_damaged_after_recording_is_refused_naming_the_intact_one(tmp_path):
+    run, _ = make_run(tmp_path)
+    _record(run)
+    assert publish_command(run, tmp_path / "ok") == 0          # verified against run.json
+    newest = run / "checkpoints" / "step_00000010.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    newest.write_bytes(bytes(data))
+    with pytest.raises(MedsslError) as info:
+        publish_command(run, tmp_path / "out")
+    message = str(info.value)
+    assert "step_00000010.pt: sha256 differs from run.json; not publishing it" in message
+    assert "newest intact checkpoint is step_00000005.pt (step 5)" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_nonfinite_weights_are_refused(tmp_path):
+    run, method = make_run(tmp_path, arch="test_resnet")
+    path = run / "checkpoints" / "step_00000010.pt"
+    ckpt = torch.load(path, weights_only=True)
+    floats = [k for k, v in ckpt["model"].items() if k.startswith("backbone.") and v.is_floating_point()]
+    for key in floats[1:]:            # all but the first become NaN or infinite
+        ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan") if len(key) % 2 else float("inf"))
+    torch.save(ckpt, path)
+    n_backbone = sum(1 for k in ckpt["model"] if k.startswith("backbone."))
+    with pytest.raises(MedsslError) as info:
+        publish_command(run, tmp_path / "out")
+    message = str(info.value)
+    first = floats[1][len("backbone."):]
+    assert f"{len(floats) - 1} of {n_backbone} backbone tensors hold NaN or infinity (first: {first})" in message
+    assert "refusing to publish" in message and not (tmp_path / "out").exists()

@@ -19,10 +19,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a YAML of overrides on the defaults below (e.g. configs/pretrain/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides applied last, e.g. train.max_steps=100 data.shards=shards/ct")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume the run in output_dir although settings differ from its run.json "
+                        "(the changes are recorded there); model.*, method.name and train.optimizer "
+                        "cannot change")
     p.epilog = config_keys_epilog(PretrainConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from pretrain.trainer import pretrain_command
 
-    return pretrain_command(args.config, args.overrides)
+    return pretrain_command(args.config, args.overrides, force_resume=args.force_resume)

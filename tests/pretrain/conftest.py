@@ -94,3 +94,55 @@ def run_env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
     return run_env(tmp_path)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by relative path: equal before and after means
+    byte-identical, nothing added, nothing removed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[str], str]:
+    """``medssl pretrain CONFIG argv...`` in this process: (exit code, ERROR lines, stderr)."""
+    import logging
+
+    from medssl.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capsys.readouterr()
+    try:
+        code = main(["pretrain", str(DEBUG_CONFIG), *argv])
+    finally:
+        # main() points logging at this test's captured stderr; later tests must not log there.
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if " ERROR " in line], err
+
+
+@pytest.fixture(scope="session")
+def finished_run(shard_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished debug run (6 steps, checkpoints at 3 and 6) to copy; never modified."""
+    from pretrain.trainer import pretrain_command
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert pretrain_command(DEBUG_CONFIG, [f"data.shards={shard_dir}", f"output_dir={out}",
+                                           "train.keep_checkpoints=2"]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run: Path, tmp_path: Path) -> Path:
+    """A private copy of ``finished_run`` (mtimes kept) that a test may damage."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
