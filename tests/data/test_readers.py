@@ -250,7 +250,8 @@ def test_discover_walks_sorted_skips_sidecars_and_outputs(tmp_path):
     explicit = tmp_path / "given.csv"
     explicit.write_text("a,b")
     found = discover([root, explicit, root / "b" / "img.png"])
-    rel = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert all(f.problem is None for f in found)
+    rel = [f.path.relative_to(tmp_path).as_posix() for f in found]
     assert rel == ["given.csv", "in/a/IM1", "in/a/notes.xyz", "in/a/scan.nii.gz", "in/b/img.png"]
     assert discover([root]) == discover([root])
     with pytest.raises(MedsslError):
