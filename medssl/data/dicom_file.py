@@ -109,9 +109,11 @@ def _inflate(f, cap: int) -> bytes:
     try:
         while not inflater.eof:
             chunk = inflater.unconsumed_tail or f.read(1 << 20)
-            if not chunk:
+            # At most 16 MiB per step: one step's output must not itself be the bomb.
+            step = inflater.decompress(chunk, min(cap + 1 - len(out), 1 << 24))
+            if not chunk and not step:  # end of file, nothing pending inside zlib
                 raise Quarantine("truncated", "the deflated data set ends early")
-            out += inflater.decompress(chunk, cap + 1 - len(out))
+            out += step
             if len(out) > cap:
                 raise Quarantine("too_large", f"the deflated data set inflates past {cap:,} "
                                               "bytes (see --max-pixels)")
@@ -146,7 +148,7 @@ def open_dataset(path: Path, max_pixels: int):
     from pydicom.filereader import _read_file_meta_info, read_preamble
 
     force = path.name.lower().endswith((".dcm", ".dicom"))
-    preamble = None
+    preamble, meta_cut = None, False
     try:
         f = _CutFile(path)
     except OSError as exc:
@@ -155,6 +157,7 @@ def open_dataset(path: Path, max_pixels: int):
     try:
         preamble = read_preamble(f, force)
         file_meta = _read_file_meta_info(f)
+        meta_cut = f.cut  # before inflation, whose last chunk read is short by nature
         if str(file_meta.get("TransferSyntaxUID", "")) == DEFLATED:
             ds, source = _read_deflated(f, path, preamble, file_meta, max_pixels)
         else:
@@ -173,11 +176,14 @@ def open_dataset(path: Path, max_pixels: int):
     # force=True parses anything named .dcm, even an empty or random file, into "a dataset";
     # one with none of the attributes every image has is not DICOM at all.
     looks_dicom = any(k in ds for k in ("SOPClassUID", "Modality", "Rows", *PIXEL_KEYWORDS))
-    cut = source.cut or f.cut or _overruns(ds, source._end) or _meta_cut(file_meta, f._end)
+    cut = source.cut or meta_cut or _overruns(ds, source._end) or _meta_cut(file_meta, f._end)
+    if preamble is not None and not len(ds):
+        cut = True  # a Part 10 file ("DICM" at byte 128) always has a data set after its meta
     if cut and (preamble is not None or looks_dicom):
         raise Quarantine("truncated", "the file ends inside an element")
     if not looks_dicom:
-        raise Quarantine("unreadable", "not a DICOM file")
+        raise Quarantine("unreadable", "not a DICOM image" if preamble is not None
+                         else "not a DICOM file")
     return ds
 
 

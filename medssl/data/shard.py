@@ -155,9 +155,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.max_side < 8:
         raise ConfigError(f"--max-side must be >= 8 px, got {args.max_side}")
-    if args.max_pixels < args.max_side * args.max_side:
-        raise ConfigError(f"--max-pixels must be at least --max-side squared "
-                          f"({args.max_side ** 2}), got {args.max_pixels}")
+    if args.max_pixels < 1:
+        raise ConfigError(f"--max-pixels must be a positive number of pixel values, got "
+                          f"{args.max_pixels}")
     if not 0.0 <= args.max_bad <= 1.0:
         raise ConfigError(f"--max-bad is a fraction in [0, 1], got {args.max_bad}")
     out = Path(args.out)
