@@ -195,11 +195,31 @@ def _modality_lut(arr: np.ndarray, ds, frame: int) -> np.ndarray:
     return (arr.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
+def _mirror(pixels: np.ndarray, total: float) -> np.ndarray:
+    """``total - pixels`` (MONOCHROME1), in place and in the narrowest integer type that
+    holds the result: a large frame must not pass through int64 (8 bytes a pixel)."""
+    if pixels.dtype.kind == "f":
+        if not pixels.flags.writeable:
+            pixels = pixels.copy()
+        return np.subtract(np.float32(total), pixels, out=pixels)
+    lo, hi = int(pixels.min()), int(pixels.max())
+    bound = max(abs(lo), abs(hi), abs(int(total) - lo), abs(int(total) - hi))
+    out = pixels.astype(np.int32 if bound < 2**31 else np.int64)
+    return np.subtract(int(total), out, out=out)
+
+
 def _to_rgb8(arr: np.ndarray, max_value: int) -> np.ndarray:
     rgb = arr[..., :3]
     if rgb.dtype == np.uint8:
         return np.ascontiguousarray(rgb)
-    return np.clip(np.rint(rgb.astype(np.float64) * (255.0 / max_value)), 0, 255).astype(np.uint8)
+    # In blocks of rows: float64 over a whole large frame would cost 24 bytes a pixel.
+    out = np.empty(rgb.shape, np.uint8)
+    step = max(1, (1 << 20) // max(1, rgb.shape[1] * rgb.shape[2]))
+    scale = 255.0 / max_value
+    for r in range(0, rgb.shape[0], step):
+        block = rgb[r:r + step].astype(np.float64) * scale
+        out[r:r + step] = np.clip(np.rint(block), 0, 255)
+    return out
 
 
 def _colour(arr: np.ndarray, photometric: str, ds) -> np.ndarray:
@@ -329,8 +349,7 @@ def _frame_slice(ds, arr: np.ndarray, props: dict, index: int, n_frames: int,
                 ends = _modality_lut(np.array(_stored_range(ds), dtype=np.int64), ds, index)
                 mono1_range.append((float(np.min(ends)), float(np.max(ends))))
             total = mono1_range[0][0] + mono1_range[0][1]
-            pixels = (total - pixels) if pixels.dtype.kind == "f" \
-                else (int(total) - pixels.astype(np.int64))
+            pixels = _mirror(pixels, total)
             if window is not None:
                 window = (total - window[0], window[1])
     if n_frames > 1:

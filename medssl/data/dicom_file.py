@@ -57,12 +57,12 @@ class _Tracked:
         return data
 
 
-class _CutFile(_Tracked, io.FileIO):
-    """An unbuffered file that tracks short reads (pydicom reopens deferred values with the
-    same type and ``(name, "rb")``, which is ``io.FileIO``'s signature)."""
+class _CutFile(_Tracked, io.BufferedReader):
+    """A buffered file that tracks short reads (a buffered read of a regular file is short
+    only at its end). pydicom reopens deferred values with ``type(f)(name, "rb")``."""
 
-    def __init__(self, name, mode="rb", *args, **kwargs) -> None:
-        super().__init__(name, mode, *args, **kwargs)
+    def __init__(self, name, mode="rb") -> None:
+        super().__init__(io.FileIO(name, mode))
         self._end = os.fstat(self.fileno()).st_size
 
 
@@ -206,6 +206,8 @@ def check_budget(ds, max_pixels: int) -> None:
     samples = whole("SamplesPerPixel", 1)
     bits = {"FloatPixelData": 32, "DoubleFloatPixelData": 64}.get(pixel_keyword(ds) or "",
                                                                     whole("BitsAllocated", 16))
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "PALETTE COLOR":
+        samples, bits = 3, 16  # each index becomes three 16-bit lookup-table values
     budget.check_pixels(budget.pixel_cost(rows, cols, samples, bits=bits), max_pixels,
                         f"a {rows}x{cols}x{samples} frame of {bits}-bit values")
 

@@ -132,6 +132,11 @@ def check_existing(out: Path, config: dict) -> dict | None:
                 raise MedsslError(f"{out}: an interrupted run with different settings is in this "
                                   f"folder ({change}); re-run with its arguments, or use a new "
                                   "--out folder")
+    elif out.is_dir():
+        stray = sorted(p.name for p in out.iterdir() if p.name.endswith((".tar", ".tar.tmp")))
+        if stray:
+            raise MedsslError(f"{out}: holds shards ({stray[0]}, ...) but no {INDEX_NAME} or "
+                              "progress journal; use a new --out folder or empty this one")
     return None
 
 

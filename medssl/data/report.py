@@ -46,6 +46,8 @@ def report_path(args: argparse.Namespace) -> Path:
     if out == path.resolve() or out in path.resolve().parents:
         raise ConfigError(f"--report {path} is inside the shard folder; the report names source "
                           "files (which can carry patient names), so put it beside the folder")
+    if path != default and not path.parent.is_dir():
+        raise ConfigError(f"--report {path}: folder {path.parent} does not exist")
     return path
 
 

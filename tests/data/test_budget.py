@@ -79,6 +79,14 @@ def test_deflated_file_within_the_budget_still_reads():
     assert info.value.reason == "too_large"
 
 
+def test_palette_frame_counts_its_three_lookup_values():
+    path = Path(get_testdata_file("examples_palette.dcm"))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    values = ds.Rows * ds.Columns * 3  # one index becomes three 16-bit LUT values
+    assert len(list(read_slices(path, allow_burned_in=True, max_pixels=values))) == 1
+    assert refused(path, allow_burned_in=True, max_pixels=values - 1).reason == "too_large"
+
+
 def test_cut_deflated_file_is_truncated(tmp_path):
     data = Path(get_testdata_file("image_dfl.dcm")).read_bytes()
     (tmp_path / "cut.dcm").write_bytes(data[: len(data) // 2])

@@ -278,6 +278,14 @@ def test_refused_runs_leave_nothing_behind(tmp_path, salt, capfd, monkeypatch):
     assert "different settings (salt_id:" in line
     assert not (tmp_path / "shards.salt").exists()
     assert snapshot(tmp_path) == before
+    # a folder holding someone else's shards: refused before a salt is created for it
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "train-000000.tar").write_bytes(b"not ours")
+    assert shard([scans], foreign) == 2
+    assert "holds shards (train-000000.tar, ...)" in capfd.readouterr().err
+    assert not (tmp_path / "foreign.salt").exists()
+    assert (foreign / "train-000000.tar").read_bytes() == b"not ours"
     # a first run with no salt anywhere creates <out>.salt beside the folder, private
     fresh = tmp_path / "fresh"
     assert shard([scans], fresh) == 0
