@@ -150,6 +150,7 @@ def check_complete(out: Path, index: dict) -> None:
     """
     shards = index.get("shards") or {}
     hint = "restore it, or delete the folder and re-run"
+    log.debug("%s: finished; checking its %d shards against %s", out, len(shards), INDEX_NAME)
     for name in sorted(shards):
         info = shards[name]
         path = out / name

@@ -165,7 +165,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {out} is a file; give a folder for the shards")
 
 
-
 def shard_command(args: argparse.Namespace) -> int:
     """Run ``medssl shard``; returns the exit code (1 when the run wrote nothing or lost more
     than ``--max-bad`` of its inputs, see ``report.finish``)."""

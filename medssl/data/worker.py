@@ -22,6 +22,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class InputItem:
     label: int | list[int] | None = None
     split: str | None = None
     slice: int | None = None        # keep only this slice of a volume (recipe slice_column)
-    quarantine: str | None = None   # the recipe already knows it cannot be written
+    quarantine: str | None = None   # known before reading: a recipe row, a discovery problem
 
     @property
     def identity(self) -> str:
@@ -246,11 +247,22 @@ def iter_results(items: list[InputItem], job: Job, workers: int) -> Iterator[Inp
         pending: deque = deque()
         try:
             for chunk in chunks:
-                pending.append(pool.submit(_process_chunk, chunk, job))
+                pending.append((chunk[0].index, pool.submit(_process_chunk, chunk, job)))
                 if len(pending) >= workers * _TASKS_PER_WORKER:
-                    yield from pending.popleft().result()
+                    yield from _result(*pending.popleft())
             while pending:
-                yield from pending.popleft().result()
+                yield from _result(*pending.popleft())
         finally:
-            for fut in pending:
+            for _, fut in pending:
                 fut.cancel()
+
+
+def _result(first: int, fut) -> list[InputResult]:
+    try:
+        return fut.result()
+    except BrokenProcessPool:
+        # A worker killed from outside (the kernel's OOM killer, a signal): one line, and
+        # the journal keeps what was finished, so the same command resumes.
+        raise MedsslError(f"a shard worker died while reading input #{first} or a neighbour "
+                          "(out of memory? lower --max-pixels or --workers); re-run the same "
+                          "command to resume") from None

@@ -325,3 +325,44 @@ def test_second_shard_into_a_held_folder_refuses_in_one_line(tmp_path, salt, cap
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_killed_worker_is_one_line_and_the_run_resumes(tmp_path, salt, capfd, monkeypatch):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from medssl.data import worker
+
+    scans = tmp_path / "scans"
+    good_scans(scans, 12)
+    real_pool = worker.ProcessPoolExecutor
+    calls = []
+
+    class DyingPool:  # the third task's worker is killed (the OOM killer, say)
+        def __init__(self, max_workers, mp_context=None):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, chunk, job):
+            fut = Future()
+            calls.append(1)
+            if len(calls) == 3:
+                fut.set_exception(BrokenProcessPool("A process in the pool was terminated"))
+            else:
+                fut.set_result(fn(chunk, job))
+            return fut
+
+    monkeypatch.setattr(worker, "ProcessPoolExecutor", DyingPool)
+    out = tmp_path / "shards"
+    assert shard([scans], out, "--workers", 2, "--shard-size", 2, salt=salt) == 2
+    (line,) = [x for x in capfd.readouterr().err.splitlines() if x.strip()]
+    assert "a shard worker died while reading input #8" in line and "re-run" in line
+    assert not (out / "index.json").exists()
+    monkeypatch.setattr(worker, "ProcessPoolExecutor", real_pool)
+    assert shard([scans], out, "--workers", 2, "--shard-size", 2, salt=salt) == 0
+    assert read_index(out)["inputs"]["written"] == 12 and verify_shards(out) == []
