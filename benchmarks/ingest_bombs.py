@@ -18,8 +18,9 @@ prints the peak RSS of the parent, of the largest worker, and of the whole tree 
 checks the outcome file by file. Target: every worker under 1 GB.
 
 Measured on a shared 2-core VM (Python 3.11, pydicom 3.0, nibabel 5.4, Pillow 13), default
-``--max-pixels`` 67,108,864, ``--workers 2``: worker peak RSS 0.68 GiB, parent 0.65 GiB (torch,
-imported by WebDataset for the tar writer), whole tree 1.28 GiB; 13 s.
+``--max-pixels`` 67,108,864, ``--workers 2``: worker peak RSS 0.68 GiB (three runs), parent
+0.63-0.65 GiB (torch, imported by WebDataset for the tar writer), whole tree 1.28-1.58 GiB;
+11-13 s. ``--no-large`` (the bombs and the corpus): worker 0.21 GiB.
 
     python benchmarks/ingest_bombs.py                     # default budget, 2 workers
     python benchmarks/ingest_bombs.py --max-pixels 33554432 --workers 4 --json bombs.json
