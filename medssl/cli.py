@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from medssl import __version__
+from medssl.data.budget import DEFAULT_MAX_PIXELS
+from medssl.data.report import DEFAULT_MAX_BAD
 from medssl.errors import MedsslError
 from medssl.logging import setup_logging
 
@@ -45,8 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-side", type=int, default=512, help="resize larger images (px)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--report", type=Path, help="per-input JSONL report (default <out>.report.jsonl)")
-    p.add_argument("--max-bad", type=float, default=1.0,
-                   help="fail (exit 1) when more than this fraction of inputs is quarantined")
+    p.add_argument("--max-bad", type=float, default=DEFAULT_MAX_BAD,
+                   help="fail (exit 1) when more than this fraction of the inputs is lost "
+                   "(quarantined; rows a recipe's label policy drops on purpose do not count); "
+                   f"default {DEFAULT_MAX_BAD}. A run that writes no sample always fails")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="memory budget of one decode, in pixel values: a DICOM frame or image "
+                   "page (rows x columns x samples), a whole NIfTI volume (voxels); values "
+                   "over 16 bits count once per 16 bits. Larger files are quarantined as "
+                   f"too_large from their header, before decoding. Default {DEFAULT_MAX_PIXELS} "
+                   "keeps a worker under 1 GB (docs/internals.md)")
     p.add_argument("--allow-burned-in", action="store_true",
                    help="keep images flagged BurnedInAnnotation=YES and secondary captures")
     p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial",
