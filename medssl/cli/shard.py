@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medssl.data.budget import DEFAULT_MAX_PIXELS
+from medssl.data.report import DEFAULT_MAX_BAD
+
 NAME = "shard"
 HELP = "de-identify scans (DICOM, NIfTI, PNG/JPEG/TIFF) and write patient-split WebDataset shards"
 
@@ -31,8 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, metavar="FILE",
                    help="per-input JSONL report (default <out>.report.jsonl, beside the folder: "
                         "it names source files, so never inside it)")
-    p.add_argument("--max-bad", type=float, default=1.0, metavar="FRACTION",
-                   help="exit 1 when more than this fraction (0..1) of inputs is quarantined")
+    p.add_argument("--max-bad", type=float, default=DEFAULT_MAX_BAD, metavar="FRACTION",
+                   help="exit 1 when more than this fraction (0..1) of the inputs is lost "
+                        "(quarantined; rows a recipe's label policy drops on purpose do not count); "
+                        f"default {DEFAULT_MAX_BAD}. A run that writes no sample always fails")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="memory budget of one decode, in pixel values: a DICOM frame or image page "
+                        "(rows x columns x samples), a whole NIfTI volume (voxels); values over 16 "
+                        "bits count once per 16 bits. Larger files are quarantined as too_large "
+                        f"from their header, before decoding. Default {DEFAULT_MAX_PIXELS} keeps a "
+                        "worker under 1 GB")
     p.add_argument("--allow-burned-in", action="store_true",
                    help="keep images flagged BurnedInAnnotation=YES and secondary captures "
                         "(check their pixels for names first)")

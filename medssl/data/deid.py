@@ -78,15 +78,17 @@ def _checked(salt: bytes, where: str) -> bytes:
     return salt
 
 
-def load_or_create_salt(salt_file: Path | None, shard_dir: Path) -> bytes:
-    """The secret behind every pseudonym of a shard folder.
+def resolve_salt(salt_file: Path | None, shard_dir: Path) -> tuple[bytes, Path | None]:
+    """The secret behind every pseudonym of a shard folder, found without writing anything.
 
-    Order: ``salt_file`` if given (must exist and hold >= 16 bytes; a trailing newline is
-    ignored), else the ``MEDSSL_SALT`` environment variable, else ``<shard_dir>.salt`` beside
-    the shard folder, created once with 32 random bytes and mode 0600. The salt never lives
-    inside the shard folder, because that folder is what gets copied and shared; whoever holds
-    the salt can recompute a patient's pseudonym from their ID. Reuse one salt across shard
-    runs that must agree on pseudonyms (e.g. a new batch of the same cohort).
+    Returns ``(salt, new_path)``. Order: ``salt_file`` if given (must exist and hold >= 16
+    bytes; a trailing newline is ignored), else the ``MEDSSL_SALT`` environment variable,
+    else ``<shard_dir>.salt`` beside the shard folder. When none exists, a fresh 32-byte salt
+    comes back with ``new_path`` set: the caller saves it with ``save_salt`` once the run is
+    known to go ahead, so a refused run leaves no stray salt file behind. The salt never
+    lives inside the shard folder, because that folder is what gets copied and shared;
+    whoever holds the salt can recompute a patient's pseudonym from their ID. Reuse one salt
+    across shard runs that must agree on pseudonyms (e.g. a new batch of the same cohort).
     """
     if salt_file is not None:
         salt_file = Path(salt_file)
@@ -97,23 +99,41 @@ def load_or_create_salt(salt_file: Path | None, shard_dir: Path) -> bytes:
             )
         if not salt_file.is_file():
             raise MedsslError(f"{salt_file}: salt file not found; create it or drop --salt-file")
-        return _checked(salt_file.read_bytes().rstrip(b"\r\n"), str(salt_file))
+        return _checked(salt_file.read_bytes().rstrip(b"\r\n"), str(salt_file)), None
     env = os.environ.get(SALT_ENV)
     if env:
-        return _checked(env.encode("utf-8"), f"environment variable {SALT_ENV}")
+        return _checked(env.encode("utf-8"), f"environment variable {SALT_ENV}"), None
     path = _salt_path_for(shard_dir)
     if path.is_file():
-        return _checked(path.read_bytes(), str(path))
+        return _checked(path.read_bytes(), str(path)), None
+    return os.urandom(32), path
+
+
+def save_salt(path: Path, salt: bytes) -> None:
+    """Write a new salt from ``resolve_salt`` (mode 0600); never replaces an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    salt = os.urandom(32)
     try:
         # O_EXCL: two concurrent runs must not each write a different salt.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return _checked(path.read_bytes(), str(path))
+        if path.read_bytes() == salt:
+            return
+        raise MedsslError(f"{path}: another run created this salt file meanwhile; re-run "
+                          "to use it") from None
     with os.fdopen(fd, "wb") as f:
         f.write(salt)
     log.info("created salt %s (keep it private; reuse it to get the same pseudonyms)", path)
+
+
+def load_or_create_salt(salt_file: Path | None, shard_dir: Path) -> bytes:
+    """``resolve_salt``, saving a new salt at once (for callers with nothing to check first)."""
+    salt, new_path = resolve_salt(salt_file, shard_dir)
+    if new_path is not None:
+        try:
+            save_salt(new_path, salt)
+        except MedsslError:  # another process created it first: use theirs
+            pass
+        return _checked(new_path.read_bytes(), str(new_path))
     return salt
 
 
@@ -135,8 +155,10 @@ class Pseudonymizer:
         self._key = bytes(salt)
 
     def _digest(self, domain: str, *parts: str) -> str:
-        # NUL separators: ("ab", "c") and ("a", "bc") must not collide.
-        message = "\x00".join((domain, *parts)).encode("utf-8")
+        # NUL separators: ("ab", "c") and ("a", "bc") must not collide. surrogateescape: a
+        # file name that is not valid UTF-8 reaches Python as lone surrogates, and hashes as
+        # its original bytes (valid text encodes exactly as UTF-8).
+        message = "\x00".join((domain, *parts)).encode("utf-8", "surrogateescape")
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def patient(self, raw: str) -> str:

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from medssl.data import dicom_file
+from medssl.data.budget import DEFAULT_MAX_PIXELS
 from medssl.data.readers import Quarantine, muted_loggers
 from medssl.data.sample import Slice
 
@@ -46,7 +48,6 @@ NOT_IMAGE_MODALITIES = {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR",
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_NATIVE = {_IMPLICIT_LE, _EXPLICIT_LE, _EXPLICIT_BE}
 
 
 @contextmanager
@@ -194,11 +195,31 @@ def _modality_lut(arr: np.ndarray, ds, frame: int) -> np.ndarray:
     return (arr.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
+def _mirror(pixels: np.ndarray, total: float) -> np.ndarray:
+    """``total - pixels`` (MONOCHROME1), in place and in the narrowest integer type that
+    holds the result: a large frame must not pass through int64 (8 bytes a pixel)."""
+    if pixels.dtype.kind == "f":
+        if not pixels.flags.writeable:
+            pixels = pixels.copy()
+        return np.subtract(np.float32(total), pixels, out=pixels)
+    lo, hi = int(pixels.min()), int(pixels.max())
+    bound = max(abs(lo), abs(hi), abs(int(total) - lo), abs(int(total) - hi))
+    out = pixels.astype(np.int32 if bound < 2**31 else np.int64)
+    return np.subtract(int(total), out, out=out)
+
+
 def _to_rgb8(arr: np.ndarray, max_value: int) -> np.ndarray:
     rgb = arr[..., :3]
     if rgb.dtype == np.uint8:
         return np.ascontiguousarray(rgb)
-    return np.clip(np.rint(rgb.astype(np.float64) * (255.0 / max_value)), 0, 255).astype(np.uint8)
+    # In blocks of rows: float64 over a whole large frame would cost 24 bytes a pixel.
+    out = np.empty(rgb.shape, np.uint8)
+    step = max(1, (1 << 20) // max(1, rgb.shape[1] * rgb.shape[2]))
+    scale = 255.0 / max_value
+    for r in range(0, rgb.shape[0], step):
+        block = rgb[r:r + step].astype(np.float64) * scale
+        out[r:r + step] = np.clip(np.rint(block), 0, 255)
+    return out
 
 
 def _colour(arr: np.ndarray, photometric: str, ds) -> np.ndarray:
@@ -237,42 +258,22 @@ def _window(ds, frame: int) -> tuple[float, float] | None:
     return center, width
 
 
-def _open(path: Path):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    force = path.name.lower().endswith((".dcm", ".dicom"))
-    try:
-        # defer_size: pixel data is read only when decoded, so a header-only look
-        # (policy checks) costs little even for a 1 GB multi-frame file.
-        ds = pydicom.dcmread(path, defer_size="1 MB", force=force)
-    except InvalidDicomError as exc:
-        raise Quarantine("unreadable", "not a DICOM file") from exc
-    except EOFError as exc:
-        raise Quarantine("truncated", "the file ends inside its header") from exc
-    except Exception as exc:  # pydicom raises many types for bad headers
-        raise Quarantine("unreadable", f"header parse failed ({type(exc).__name__})") from exc
-    # force=True parses anything named .dcm, even an empty or random file, into "a dataset";
-    # one with none of the attributes every image has is not DICOM at all.
-    if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "PixelData")):
-        raise Quarantine("unreadable", "not a DICOM file")
-    return ds
-
-
-def read_dicom(path: Path, *, allow_burned_in: bool = False) -> Iterator[Slice]:
+def read_dicom(path: Path, *, allow_burned_in: bool = False,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Slice]:
     """Yield each frame of a DICOM file as a Slice (see module docstring for the rules).
 
     Grayscale ``pixels`` are ``[rows, columns]`` in modality units (HU for CT); colour are
-    uint8 ``[rows, columns, 3]``. ``pixel_spacing`` is (row, column) in mm.
+    uint8 ``[rows, columns, 3]``. ``pixel_spacing`` is (row, column) in mm. A frame over
+    ``max_pixels`` (``budget``) is refused as ``too_large`` from the header, before any
+    pixel is read; frames are decoded one at a time.
     """
-    from pydicom.pixels import as_pixel_options
-
     path = Path(path)
     with _silenced():
-        ds = _open(path)
+        ds = dicom_file.open_dataset(path, max_pixels)
         check_policy(ds, allow_burned_in)
+        dicom_file.check_budget(ds, max_pixels)
         ts = _transfer_syntax(ds)
-        decoder = _decoder(ds, ts)
+        decoder = _decoder(ds, ts, path)
         base = _identity_and_codes(ds, path)
         n_frames = int(_number(ds.get("NumberOfFrames")) or 1)
         instance = _number(ds.get("InstanceNumber"))
@@ -280,7 +281,7 @@ def read_dicom(path: Path, *, allow_burned_in: bool = False) -> Iterator[Slice]:
 
     try:
         with _silenced():
-            frames = decoder.iter_array(ds, validate=True, **as_pixel_options(ds))
+            frames = dicom_file.iter_frames(ds, path, ts, decoder)
         for index in range(n_frames):
             with _silenced():
                 try:
@@ -288,6 +289,7 @@ def read_dicom(path: Path, *, allow_burned_in: bool = False) -> Iterator[Slice]:
                 except StopIteration:
                     break
                 s = _frame_slice(ds, arr, props, index, n_frames, instance, mono1_range)
+                del arr  # the decoded frame is not needed while the consumer works
             s.source = f"{path}#frame={index}" if n_frames > 1 else str(path)
             for key, value in base.items():
                 setattr(s, key, value)
@@ -300,9 +302,8 @@ def read_dicom(path: Path, *, allow_burned_in: bool = False) -> Iterator[Slice]:
         raise Quarantine("undecodable", f"pixel data failed to decode ({type(exc).__name__})") from exc
 
 
-def _decoder(ds, ts: str):
+def _decoder(ds, ts: str, path: Path):
     from pydicom.pixels import get_decoder
-    from pydicom.pixels.utils import get_expected_length
 
     try:
         decoder = get_decoder(ts)
@@ -310,14 +311,8 @@ def _decoder(ds, ts: str):
         raise Quarantine("unsupported_transfer_syntax", "no decoder for this transfer syntax") from exc
     if not decoder.is_available:
         raise Quarantine("unsupported_transfer_syntax", "decoder plugin for this syntax not installed")
-    if ts in _NATIVE and "PixelData" in ds:
-        try:
-            have = len(ds.PixelData)
-            want = get_expected_length(ds, "bytes")
-        except Exception as exc:
-            raise Quarantine("undecodable", f"pixel data unreadable ({type(exc).__name__})") from exc
-        if have < want:
-            raise Quarantine("truncated", f"pixel data has {have} of {want} bytes")
+    if decoder.is_native:
+        dicom_file.check_length(ds, path)
     return decoder
 
 
@@ -354,8 +349,7 @@ def _frame_slice(ds, arr: np.ndarray, props: dict, index: int, n_frames: int,
                 ends = _modality_lut(np.array(_stored_range(ds), dtype=np.int64), ds, index)
                 mono1_range.append((float(np.min(ends)), float(np.max(ends))))
             total = mono1_range[0][0] + mono1_range[0][1]
-            pixels = (total - pixels) if pixels.dtype.kind == "f" \
-                else (int(total) - pixels.astype(np.int64))
+            pixels = _mirror(pixels, total)
             if window is not None:
                 window = (total - window[0], window[1])
     if n_frames > 1:

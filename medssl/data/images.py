@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from medssl.data import budget
+from medssl.data.budget import DEFAULT_MAX_PIXELS
 from medssl.data.readers import Quarantine, muted_loggers
 from medssl.data.sample import Slice
 
@@ -53,34 +56,63 @@ def _pixels(frame) -> np.ndarray:
     return np.asarray(frame.convert("RGB"), dtype=np.uint8)
 
 
-def read_image(path: Path) -> Iterator[Slice]:
-    """Yield every page of a PNG/JPEG/TIFF as a Slice (``modality`` "OT", no spacing)."""
+def _page_cost(img) -> int:
+    """Budget units of the current page, from its header: width x height x bands."""
+    mode = img.mode
+    bits = 32 if mode in ("I", "F") else 16 if mode.startswith("I;16") else 8
+    width, height = img.size
+    return budget.pixel_cost(width, height, len(img.getbands()), bits=bits)
+
+
+@contextmanager
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb check (``MAX_IMAGE_PIXELS``, width x height) set to our budget.
+
+    Our check counts bands too, so it always refuses first; Pillow's stays as a backstop
+    for paths we do not see (it raises only past twice its limit) and never refuses an
+    image the budget allows, whatever ``--max-pixels`` says.
+    """
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def read_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Slice]:
+    """Yield every page of a PNG/JPEG/TIFF as a Slice (``modality`` "OT", no spacing).
+
+    A page over ``max_pixels`` (``budget``) is refused as ``too_large`` from its header,
+    before it is decoded.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with warnings.catch_warnings(), _pil_silenced():
-            # Pillow's own bomb warning is replaced by the explicit size check below.
+        with warnings.catch_warnings(), _pil_silenced(), _pillow_limit(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise Quarantine("too_large", "image exceeds Pillow's decompression-bomb limit") from exc
+        raise Quarantine("too_large", f"image exceeds --max-pixels {max_pixels:,}") from exc
     except UnidentifiedImageError as exc:
         raise Quarantine("unreadable", "not a decodable PNG/JPEG/TIFF") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise Quarantine("unreadable", f"image open failed ({type(exc).__name__})") from exc
     with img:
-        width, height = img.size
-        # Over Pillow's limit is a whole-slide scan or an attack; neither should be sharded
-        # blindly (and the decoded array alone could exhaust a worker's memory).
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise Quarantine("too_large", f"{width}x{height} pixels exceeds Pillow's limit")
         try:
             with _pil_silenced():
                 n_pages = getattr(img, "n_frames", 1)
             for page in range(n_pages):
-                with _pil_silenced():
+                with _pil_silenced(), _pillow_limit(max_pixels), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                     img.seek(page)
+                    # The header's claim, before the page is decoded.
+                    width, height = img.size
+                    budget.check_pixels(_page_cost(img), max_pixels,
+                                        f"a {width}x{height} {img.mode} page")
                     img.load()
                     pixels = _pixels(ImageOps.exif_transpose(img))
                 if pixels.size == 0:
@@ -94,6 +126,8 @@ def read_image(path: Path) -> Iterator[Slice]:
                 )
         except Quarantine:
             raise
+        except Image.DecompressionBombError as exc:
+            raise Quarantine("too_large", f"image exceeds --max-pixels {max_pixels:,}") from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             # Pillow reports a cut-off file as OSError("image file is truncated ...").
             reason = "truncated" if "truncated" in str(exc).lower() else "unreadable"

@@ -1,8 +1,10 @@
 """The shard folder's progress journal and index: what makes ``medssl shard`` resumable.
 
 ``.progress.jsonl`` records the sharding config, every completed shard (name, split, count,
-sha256) and every finished input (outcome, per-split counts and patient pseudonyms -- never a
-path). ``open_journal`` turns an interrupted folder back into a restart point; ``build_index``
+sha256, bytes) and every finished input (outcome, per-split counts, patient pseudonyms and
+skipped slices -- never a path). ``check_existing`` refuses a folder made with other settings
+before anything is touched; ``check_complete`` refuses a finished folder whose shards changed;
+``open_journal`` turns an interrupted folder back into a restart point; ``build_index``
 turns a finished journal into index.json. See ``medssl.data.shard`` for the whole scheme.
 """
 
@@ -21,7 +23,7 @@ from medssl.data.shards import INDEX_NAME, file_sha256
 from medssl.errors import MedsslError
 
 if TYPE_CHECKING:
-    from medssl.data.shard import InputResult
+    from medssl.data.worker import InputResult
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,9 @@ class Journal:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
 
-    def add_shard(self, name: str, split: str, samples: int, sha256: str) -> None:
-        record = {"shard": name, "split": split, "samples": samples, "sha256": sha256}
+    def add_shard(self, name: str, split: str, samples: int, sha256: str, nbytes: int) -> None:
+        record = {"shard": name, "split": split, "samples": samples, "sha256": sha256,
+                  "bytes": nbytes}
         self.shards.append(record)
         self._append(record)
 
@@ -66,7 +69,8 @@ class Journal:
             if enc.patient not in patients.setdefault(enc.split, []):
                 patients[enc.split].append(enc.patient)
         entry = {"input": result.index, "outcome": result.outcome, "reason": result.reason,
-                 "samples": dict(samples), "patients": patients, "modality": result.modality}
+                 "samples": dict(samples), "patients": patients, "modality": result.modality,
+                 "skipped": {r: list(v) for r, v in result.skipped.items()}}
         self.entries.append(entry)
         self._append(entry)
         return entry
@@ -84,8 +88,87 @@ def config_change(old: dict | None, new: dict) -> str | None:
     old = json.loads(json.dumps(old or {}))
     new = json.loads(json.dumps(new))
     diffs = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if "salt_id" in diffs and "inputs" in diffs and \
+            (old.get("inputs") or {}).get("count") == (new.get("inputs") or {}).get("count"):
+        diffs.remove("inputs")  # the digest is salted: another salt, another digest
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "inputs" else
                      "the input files differ" for k in diffs) or None
+
+
+def _read_records(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by the interruption; everything after it is redone
+    return records
+
+
+def check_existing(out: Path, config: dict) -> dict | None:
+    """Refuse, without touching anything, a folder holding work made with other settings.
+
+    Returns the parsed index.json of a finished folder (None when there is none). Raises
+    MedsslError when index.json or an interrupted run's journal records other settings.
+    """
+    index_file = out / INDEX_NAME
+    if index_file.exists():
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MedsslError(f"{index_file}: not valid JSON; the folder is damaged: delete it "
+                              "and re-run") from None
+        change = config_change(index.get("config"), config)
+        if change:
+            raise MedsslError(f"{out}: already holds finished shards made with different settings "
+                              f"({change}); use a new --out folder or delete this one")
+        return index
+    journal = out / JOURNAL_NAME
+    if journal.exists():
+        records = _read_records(journal)
+        if records and "config" in records[0]:
+            change = config_change(records[0]["config"], config)
+            if change:
+                raise MedsslError(f"{out}: an interrupted run with different settings is in this "
+                                  f"folder ({change}); re-run with its arguments, or use a new "
+                                  "--out folder")
+    elif out.is_dir():
+        stray = sorted(p.name for p in out.iterdir() if p.name.endswith((".tar", ".tar.tmp")))
+        if stray:
+            raise MedsslError(f"{out}: holds shards ({stray[0]}, ...) but no {INDEX_NAME} or "
+                              "progress journal; use a new --out folder or empty this one")
+    return None
+
+
+def check_complete(out: Path, index: dict) -> None:
+    """Refuse a finished folder whose shards are not the ones index.json lists.
+
+    Every listed shard must exist with its recorded size (``bytes``, when the index has it)
+    and sha256, and no unlisted shard may lie beside them. The first problem is named; the
+    folder is never reported complete, and never rewritten: a shard that changed might be
+    someone's, and re-making one needs the whole run (the journal is gone).
+    """
+    shards = index.get("shards") or {}
+    hint = "restore it, or delete the folder and re-run"
+    log.debug("%s: finished; checking its %d shards against %s", out, len(shards), INDEX_NAME)
+    for name in sorted(shards):
+        info = shards[name]
+        path = out / name
+        if not path.is_file():
+            raise MedsslError(f"{out}: damaged: {name} is listed in {INDEX_NAME} but missing; "
+                              f"{hint}")
+        size = info.get("bytes")
+        if size is not None and path.stat().st_size != size:
+            raise MedsslError(f"{out}: damaged: {name} is {path.stat().st_size} bytes, "
+                              f"{INDEX_NAME} says {size}; {hint}")
+        if file_sha256(path) != info.get("sha256"):
+            raise MedsslError(f"{out}: damaged: {name} differs from its sha256 in {INDEX_NAME}; "
+                              f"{hint}")
+    unlisted = sorted(p.name for p in out.iterdir()
+                      if p.name.endswith((".tar", ".tar.tmp")) and p.name not in shards)
+    if unlisted:
+        raise MedsslError(f"{out}: holds {unlisted[0]}, which {INDEX_NAME} does not list; move it "
+                          "away, or delete the folder and re-run")
 
 
 def open_journal(out: Path, config: dict, n_inputs: int) -> tuple[Journal, int, dict]:
@@ -102,12 +185,7 @@ def open_journal(out: Path, config: dict, n_inputs: int) -> tuple[Journal, int, 
                               "progress journal; use a new --out folder or empty this one")
         journal.rewrite()
         return journal, 0, {}
-    records = []
-    for line in journal.path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by the interruption; everything after it is redone
+    records = _read_records(journal.path)
     if not records or "config" not in records[0]:
         raise MedsslError(f"{journal.path}: progress journal is damaged; delete {out} and re-run")
     change = config_change(records[0]["config"], config)
@@ -123,6 +201,7 @@ def open_journal(out: Path, config: dict, n_inputs: int) -> tuple[Journal, int, 
         expected = f"{rec['split']}-{len(split_shards):06d}.tar"
         if (rec["split"] not in broken and rec["shard"] == expected and path.exists()
                 and file_sha256(path) == rec["sha256"]):
+            rec.setdefault("bytes", path.stat().st_size)  # journals before "bytes" existed
             split_shards.append(rec)
         else:
             broken.add(rec["split"])  # later shards of this split are rewritten too
@@ -165,18 +244,24 @@ def build_index(journal: Journal, n_inputs: int, fractions: dict, labels: dict |
         raise RuntimeError(f"shard counts {dict(in_shards)} != input counts {dict(samples)}")
     outcomes = Counter(e["outcome"] for e in journal.entries)
     reasons = Counter(e["reason"] for e in journal.entries if e["outcome"] == "quarantined")
+    skipped: Counter = Counter()
+    for e in journal.entries:
+        for reason, slices in (e.get("skipped") or {}).items():
+            skipped[reason] += len(slices)
     modalities = Counter(e["modality"] or "unknown" for e in journal.entries
                          if e["outcome"] == "written")
     return {
         "format": FORMAT,
         "medssl_version": __version__,
         "created": str(datetime.date.today().year),
-        "shards": {r["shard"]: {"split": r["split"], "samples": r["samples"], "sha256": r["sha256"]}
+        "shards": {r["shard"]: {"split": r["split"], "samples": r["samples"],
+                                "sha256": r["sha256"], "bytes": r["bytes"]}
                    for r in sorted(journal.shards, key=lambda r: r["shard"])},
         "splits": {s: {"samples": samples[s], "patients": len(patients[s])} for s in patients},
         "inputs": {"seen": n_inputs, "written": outcomes["written"],
                    "quarantined": outcomes["quarantined"],
-                   "quarantined_by_reason": dict(sorted(reasons.items()))},
+                   "quarantined_by_reason": dict(sorted(reasons.items())),
+                   "skipped_slices_by_reason": dict(sorted(skipped.items()))},
         "labels": labels,
         "config": journal.config,
         "modalities": dict(sorted(modalities.items())),

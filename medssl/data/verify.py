@@ -2,7 +2,8 @@
 
 A shard folder is copied to clusters and shared, so before training on it (or publishing a
 model card that cites it) this recomputes what the writer promised: every listed shard exists
-and hashes to its recorded sha256, holds the recorded number of samples and only its own split,
+with its recorded size (``bytes``, absent from indexes older than that field) and hashes to
+its recorded sha256, holds the recorded number of samples and only its own split,
 carries only allowed members (``img.png``, ``json``, ``cls``) with allow-listed metadata, no
 unlisted shard lies beside them, per-split counts add up, and no patient is in two splits.
 
@@ -104,6 +105,9 @@ def verify_shards(directory: Path) -> list[str]:
         if not path.is_file():
             problems.append(f"{name}: listed in index.json but missing")
             continue
+        size = info.get("bytes")  # indexes written before medssl recorded sizes have none
+        if size is not None and path.stat().st_size != size:
+            problems.append(f"{name}: {path.stat().st_size} bytes, index.json says {size}")
         if file_sha256(path) != info.get("sha256"):
             problems.append(f"{name}: sha256 differs from index.json (file changed or corrupt)")
         count, shard_problems = _check_shard(path, split, patients, keys)

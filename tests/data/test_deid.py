@@ -95,6 +95,29 @@ def test_quarantine_message_quotes_nothing_from_the_file(tmp_path):
     _assert_clean(str(info.value))
 
 
+def test_too_large_detail_quotes_nothing_from_the_file(tmp_path, caplog):
+    # The too_large message reaches the report's "detail": it must be numbers only, even when
+    # the size attributes themselves hold text.
+    path = _canary_dicom(tmp_path, BurnedInAnnotation="NO")
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(Quarantine) as info:
+        list(read_slices(path, max_pixels=100))
+    assert info.value.reason == "too_large"
+    _assert_clean(info.value.message)
+    _assert_clean(caplog.text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(path)
+        ds.add_new(0x00280011, "LO", f"{CANARY}")  # Columns as free text
+        ds.save_as(path)
+    caplog.clear()  # what pydicom logged for the test's own edit is not medssl's
+    with pytest.raises(Quarantine) as info:
+        list(read_slices(path, max_pixels=100))
+    _assert_clean(str(info.value))
+    _assert_clean(caplog.text)
+
+
 def test_nifti_header_text_and_extensions_dropped(tmp_path, caplog):
     img = nib.Nifti1Image(np.arange(60, dtype=np.float32).reshape(3, 4, 5), np.eye(4))
     img.header["descrip"] = f"{CANARY} descrip".encode()

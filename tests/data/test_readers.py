@@ -187,6 +187,19 @@ def test_truncated_dicom_quarantined(tmp_path):
     assert info.value.reason == "truncated"
 
 
+@pytest.mark.parametrize("cut", [140, 200, 300, 451, 1000, 3000, 6301])
+def test_dicom_cut_inside_its_header_is_truncated(tmp_path, cut):
+    # pydicom reads a cut header without complaint (short values, a partial tag ends the
+    # data set): inside the File Meta (140, 200, 300), inside an element's value, and
+    # inside the pixel data element's header (6301) must all say "truncated".
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(data[:cut])
+    with pytest.raises(Quarantine) as info:
+        list(read_slices(path))
+    assert info.value.reason == "truncated"
+
+
 def test_burned_in_annotation_quarantined_unless_allowed(tmp_path):
     path = _edited(tmp_path, "CT_small.dcm", BurnedInAnnotation="YES")
     with pytest.raises(Quarantine) as info:
@@ -250,11 +263,74 @@ def test_discover_walks_sorted_skips_sidecars_and_outputs(tmp_path):
     explicit = tmp_path / "given.csv"
     explicit.write_text("a,b")
     found = discover([root, explicit, root / "b" / "img.png"])
-    rel = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert all(f.problem is None for f in found)
+    rel = [f.path.relative_to(tmp_path).as_posix() for f in found]
     assert rel == ["given.csv", "in/a/IM1", "in/a/notes.xyz", "in/a/scan.nii.gz", "in/b/img.png"]
     assert discover([root]) == discover([root])
     with pytest.raises(MedsslError):
         discover([tmp_path / "missing"])
+
+
+def test_discover_reports_symlink_loops_and_dangling_links(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "good.dcm").write_bytes(b"x")
+    (root / "a.dcm").symlink_to(root / "b.dcm")
+    (root / "b.dcm").symlink_to(root / "a.dcm")  # a.dcm -> b.dcm -> a.dcm
+    (root / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    found = {f.path.name: f.problem for f in discover([root])}
+    assert found == {"a.dcm": "unreadable", "b.dcm": "unreadable", "gone.dcm": "unreadable",
+                     "good.dcm": None}
+    assert [f.problem for f in discover([root / "a.dcm"])] == ["unreadable"]  # given directly
+    with pytest.raises(Quarantine) as info:
+        list(read_slices(root / "a.dcm"))
+    assert info.value.reason == "unreadable"
+
+
+def test_discover_follows_symlinked_folders_once(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "IM1.dcm").write_bytes(b"x")
+    root = tmp_path / "in"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "IM2.dcm").write_bytes(b"x")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "real" / "up").symlink_to(root, target_is_directory=True)  # a loop to the root
+    (root / "again").symlink_to(root / "real", target_is_directory=True)  # a second way in
+    rel = [f.path.relative_to(root).as_posix() for f in discover([root])]
+    assert rel == ["again/IM2.dcm", "linked/IM1.dcm"]
+
+
+def test_discover_reports_a_folder_it_cannot_list(tmp_path, monkeypatch):
+    import os
+
+    root = tmp_path / "in"
+    (root / "locked" / "deep").mkdir(parents=True)
+    (root / "locked" / "deep" / "IM1.dcm").write_bytes(b"x")
+    (root / "open.dcm").write_bytes(b"x")
+    locked = str(root / "locked")
+    real_scandir, real_stat = os.scandir, os.stat
+
+    # Tests run as root, where chmod 000 does not stop anything: deny like the kernel would.
+    def denied(path):
+        if str(path).startswith(locked + os.sep) or str(path) == locked and deny_dir[0]:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    deny_dir = [True]
+    monkeypatch.setattr(os, "scandir", lambda p=".": (denied(p), real_scandir(p))[1])
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: (denied(p), real_stat(p, *a, **k))[1])
+    found = {f.path.relative_to(root).as_posix(): f.problem for f in discover([root])}
+    assert found == {"locked": "unreadable", "open.dcm": None}
+
+
+def test_discover_keeps_a_name_that_is_not_utf8(tmp_path):
+    import os
+
+    name = os.fsdecode(b"scan_\xff\xfe.dcm")  # Latin-1 bytes from an old archive
+    (tmp_path / name).write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    (found,) = discover([tmp_path])
+    assert found.problem is None and found.path.name == name
+    assert _one(found.path).modality == "CT"
 
 
 def test_quarantine_pickles_with_reason():

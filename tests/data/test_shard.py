@@ -20,10 +20,12 @@ from medssl.cli import main
 from medssl.data import journal as journal_mod
 from medssl.data import sample as sample_mod
 from medssl.data import shard as shard_mod
+from medssl.data import worker as worker_mod
 from medssl.data.sample import SAMPLE_META_KEYS
 from medssl.data.shards import file_sha256, read_index
 from medssl.data.synth import canary_strings, write_corpus
 from medssl.data.verify import verify_shards
+from medssl.lock import LOCK_NAME
 
 PATIENTS, SLICES, SIZE = 12, 2, 64
 SPLITS = "train=0.5,val=0.25,test=0.25"
@@ -49,6 +51,11 @@ def run_shard(inputs, out, salt, *extra) -> int:
                  "--splits", SPLITS, *map(str, extra)])
 
 
+def untouched(out: Path) -> dict[str, int]:
+    """mtimes of the folder's files, but the lock (rewritten by every run that takes it)."""
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != LOCK_NAME}
+
+
 def shard_hashes(out: Path) -> dict[str, str]:
     return {p.name: file_sha256(p) for p in sorted(out.glob("*.tar"))}
 
@@ -67,7 +74,7 @@ def test_synthetic_corpus_end_to_end(corpus, tmp_path, salt, capfd):
     index = read_index(out)
     n = PATIENTS * SLICES
     assert index["inputs"] == {"seen": n, "written": n, "quarantined": 0,
-                               "quarantined_by_reason": {}}
+                               "quarantined_by_reason": {}, "skipped_slices_by_reason": {}}
     assert sum(s["samples"] for s in index["splits"].values()) == n
     assert sum(s["samples"] for s in index["shards"].values()) == n
     assert index["modalities"] == {"CT": n}
@@ -78,8 +85,10 @@ def test_synthetic_corpus_end_to_end(corpus, tmp_path, salt, capfd):
     for name, fraction in (("train", 0.5), ("val", 0.25), ("test", 0.25)):
         assert abs(index["splits"][name]["patients"] - PATIENTS * fraction) <= 4.5
     assert verify_shards(out) == []
-    # the folder holds shards and index.json only; the report lies beside it
-    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".tar")) == ["index.json"]
+    # the folder holds shards, index.json and the (hidden) lock only; the report lies beside it
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".tar")) == \
+        [LOCK_NAME, "index.json"]
+    assert set(json.loads((out / LOCK_NAME).read_text())) == {"host", "pid", "command"}
     report = tmp_path / "shards.report.jsonl"
     lines = [json.loads(line) for line in report.read_text().splitlines()]
     assert len(lines) == n and all(r == {"path": r["path"], "outcome": "written", "samples": 1}
@@ -121,14 +130,14 @@ def test_workers_do_not_change_the_output(corpus, tmp_path, salt):
 def test_rerun_same_args_is_a_noop_other_args_refused(corpus, tmp_path, salt, capfd):
     out = tmp_path / "shards"
     assert run_shard([corpus], out, salt, "--shard-size", 5) == 0
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    before = untouched(out)
     capfd.readouterr()
     assert run_shard([corpus], out, salt, "--shard-size", 5) == 0
     assert "already complete" in capfd.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert untouched(out) == before
     assert run_shard([corpus], out, salt, "--shard-size", 6) == 2
     assert "different settings (shard_size: 5 -> 6)" in capfd.readouterr().err
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert untouched(out) == before
 
 
 def test_report_inside_the_shard_folder_is_refused(corpus, tmp_path, salt, capfd):
@@ -281,7 +290,7 @@ def test_file_failing_midway_is_quarantined_whole(monkeypatch, tmp_path, salt):
     from medssl.data import readers
     from medssl.data.sample import Slice
 
-    def fake_read(path, *, axis, allow_burned_in, max_side):
+    def fake_read(path, *, axis, allow_burned_in, max_side, max_pixels):
         yield Slice(pixels=np.zeros((8, 8), np.int16), patient_id="x", source=str(path))
         if Path(path).name == "b.dcm":
             raise readers.Quarantine("truncated", "frame 2")
@@ -293,7 +302,8 @@ def test_file_failing_midway_is_quarantined_whole(monkeypatch, tmp_path, salt):
     for name in ("a.dcm", "b.dcm", "c.dcm"):
         (tmp_path / name).write_bytes(b"x")
     out = tmp_path / "shards"
-    assert run_shard([tmp_path / n for n in ("a.dcm", "b.dcm", "c.dcm")], out, salt) == 0
+    # two of three lost is past the default --max-bad 0.5: exit 1, with a's samples written
+    assert run_shard([tmp_path / n for n in ("a.dcm", "b.dcm", "c.dcm")], out, salt) == 1
     index = read_index(out)
     assert index["inputs"]["quarantined_by_reason"] == {"read_error": 1, "truncated": 1}
     report = (tmp_path / "shards.report.jsonl").read_text()
@@ -393,8 +403,8 @@ def test_recipe_rows_that_cannot_be_written_are_reported(corpus, tmp_path, salt)
 def test_in_flight_work_is_bounded_and_order_kept(monkeypatch):
     from concurrent.futures import Future
 
-    job = shard_mod.Job(salt=b"s" * 32, fractions={"train": 1.0}, axis="axial",
-                        allow_burned_in=False, max_side=64)
+    job = worker_mod.Job(salt=b"s" * 32, fractions={"train": 1.0}, axis="axial",
+                        allow_burned_in=False, max_side=64, max_pixels=1 << 20)
     state = {"outstanding": 0, "peak": 0}
 
     class CountingFuture(Future):
@@ -403,7 +413,7 @@ def test_in_flight_work_is_bounded_and_order_kept(monkeypatch):
             return super().result(timeout)
 
     class FakePool:
-        def __init__(self, max_workers):
+        def __init__(self, max_workers, mp_context=None):
             pass
 
         def __enter__(self):
@@ -416,12 +426,12 @@ def test_in_flight_work_is_bounded_and_order_kept(monkeypatch):
             state["outstanding"] += 1
             state["peak"] = max(state["peak"], state["outstanding"])
             fut = CountingFuture()
-            fut.set_result([shard_mod.InputResult(it.index, "quarantined", reason="x")
+            fut.set_result([worker_mod.InputResult(it.index, "quarantined", reason="x")
                             for it in chunk])
             return fut
 
-    monkeypatch.setattr(shard_mod, "ProcessPoolExecutor", FakePool)
-    items = [shard_mod.InputItem(i, f"f{i}.dcm") for i in range(1000)]
-    got = [r.index for r in shard_mod.iter_results(items, job, workers=3)]
+    monkeypatch.setattr(worker_mod, "ProcessPoolExecutor", FakePool)
+    items = [worker_mod.InputItem(i, f"f{i}.dcm") for i in range(1000)]
+    got = [r.index for r in worker_mod.iter_results(items, job, workers=3)]
     assert got == list(range(1000))
-    assert state["peak"] <= 3 * shard_mod._TASKS_PER_WORKER
+    assert state["peak"] <= 3 * worker_mod._TASKS_PER_WORKER
