@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medssl.config import load_config  # noqa: E402
 from medssl.logging import setup_logging  # noqa: E402
-from pretrain.config import PretrainConfig, resolve_method_defaults  # noqa: E402
+from pretrain.config import PretrainConfig  # noqa: E402
+from pretrain.resolve import resolve_method_defaults  # noqa: E402
 
 log = logging.getLogger("medssl.benchmark")
 

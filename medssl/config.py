@@ -143,8 +143,8 @@ class KeyDoc:
 def describe(cls: type, prefix: str = "") -> list[KeyDoc]:
     """Every leaf key of a config tree with its default and meaning, in declaration order.
 
-    The meaning is the field's own comment in the source (``x: int = 1  # what x is``, or a
-    ``#:`` line above it), so help text is never written twice.
+    The meaning is the field's own comment in the source (``x: int = 1  # what x is``, or the
+    comment lines above it), so help text is never written twice.
     """
     comments = _field_comments(cls)
     hints = get_type_hints(cls)
@@ -168,6 +168,8 @@ def describe(cls: type, prefix: str = "") -> list[KeyDoc]:
 
 @functools.cache
 def _field_comments(cls: type) -> dict[str, str]:
+    """field -> its comment: the one on its own line (``x: int = 1  # ...``), else the comment
+    lines right above it."""
     import inspect
 
     try:
@@ -175,25 +177,25 @@ def _field_comments(cls: type) -> dict[str, str]:
     except (OSError, TypeError):
         return {}
     names = {f.name for f in dataclasses.fields(cls)}
-    comments: dict[str, str] = {}
-    pending: list[str] = []          # "#:" lines waiting for the field below them
+    above: dict[str, str] = {}
+    pending: list[str] = []          # comment lines waiting for the field below them
     line_field: dict[int, str] = {}
     for line_no, line in enumerate(source.splitlines(), start=1):
         match = re.match(r"\s{4}(\w+)\s*:", line)
         if match and match.group(1) in names:
             line_field[line_no] = match.group(1)
             if pending:
-                comments[match.group(1)] = " ".join(pending)
+                above[match.group(1)] = " ".join(pending)
             pending = []
-        elif re.match(r"\s{4}#:", line):
-            pending.append(line.strip()[2:].strip())
+        elif re.match(r"\s{4}#", line):
+            pending.append(line.strip().lstrip("#:").strip())
         else:
             pending = []
+    trailing: dict[str, str] = {}
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT and tok.start[0] in line_field:
-            name = line_field[tok.start[0]]
-            comments.setdefault(name, tok.string.lstrip("#").strip())
-    return comments
+            trailing.setdefault(line_field[tok.start[0]], tok.string.lstrip("#").strip())
+    return {**above, **trailing}
 
 
 def _plain(value: Any) -> Any:

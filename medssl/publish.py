@@ -31,6 +31,7 @@ from typing import Any
 from medssl import __version__
 from medssl.config import read_yaml_tree
 from medssl.errors import MedsslError
+from medssl.io import sha256_file
 from medssl.results import Results
 from medssl.rundir import (
     RECORD_NAME,
@@ -180,14 +181,6 @@ def verify_published(directory: Path) -> None:
             raise MedsslError(f"{path}: listed in {SUMS} but missing")
         if sha256_file(path) != expected:
             raise MedsslError(f"{path}: sha256 does not match {SUMS}; the file was changed or damaged")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_sums(directory: Path, names: list[str]) -> None:

@@ -13,7 +13,6 @@ checked on the way in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 
 from medssl.config import build, to_dict
 from medssl.errors import ConfigError, MedsslError
+from medssl.io import sha256_file
 from medssl.lock import LOCK_NAME
 
 FORMAT = "medssl-run/1"
@@ -236,14 +236,6 @@ def format_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
 
 
 # --- checkpoints ---------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_problem(run_dir: str | Path, entry: CheckpointEntry) -> str | None:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from medssl.errors import MedsslError
-from medssl.rundir import CheckpointEntry, RunRecord, add_checkpoint, sha256_file, write_record
+from medssl.io import sha256_file
+from medssl.rundir import CheckpointEntry, RunRecord, add_checkpoint, write_record
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 
 Load with ``medssl.config.load_config(PretrainConfig, path, overrides)``. Values that depend on
 the method (augmentation, optimizer, learning rate, weight decay) default to ``None`` and are
-filled in from the method registry by ``resolve_method_defaults`` so the saved ``config.yaml``
-always shows the numbers that actually ran.
+filled in from the method registry by ``pretrain.resolve.resolve_config``, so the saved
+``config.yaml`` always shows the numbers that actually ran.
 """
 
 from __future__ import annotations
@@ -60,21 +60,19 @@ class ModelConfig:
 class MethodConfig:
     name: str = "simclr"                   # simclr | mae (see pretrain/methods)
     # SimCLR
-    temperature: float = 0.1
-    proj_hidden_dim: int = 2048
-    proj_output_dim: int = 128
+    temperature: float = 0.1            # SimCLR: NT-Xent softmax temperature
+    proj_hidden_dim: int = 2048          # SimCLR: projection head hidden width
+    proj_output_dim: int = 128           # SimCLR: projection output width (loss space)
     # MAE
-    mask_ratio: float = 0.75
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True
+    mask_ratio: float = 0.75             # MAE: fraction of patches hidden from the encoder
+    decoder_dim: int = 512               # MAE: decoder width
+    decoder_depth: int = 8               # MAE: decoder blocks
+    decoder_heads: int = 16              # MAE: decoder attention heads
+    norm_pix_loss: bool = True           # MAE: regress per-patch normalised pixels
 
     def __post_init__(self) -> None:
-        from pretrain.methods import available_methods
-
-        names = available_methods()
-        _check(self.name in names, f"method.name must be one of {' | '.join(names)}, got {self.name!r}")
+        # The name is checked against the registry by pretrain/resolve.py: a config module
+        # that imported the methods would make config and methods one import circle.
         _check(self.temperature > 0, "method.temperature must be > 0 (SimCLR uses ~0.1-0.5)")
         _check(0.0 < self.mask_ratio < 1.0, f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         for key in ("proj_hidden_dim", "proj_output_dim", "decoder_dim", "decoder_depth", "decoder_heads"):
@@ -90,8 +88,8 @@ class AugmentConfig:
     crop_size: int = 224                        # output side in px
     scale: tuple[float, float] | None = None    # crop area as a fraction of the loaded image
     ratio: tuple[float, float] = (0.75, 4 / 3)  # crop aspect ratio range
-    hflip_p: float | None = None
-    vflip_p: float | None = None
+    hflip_p: float | None = None                # probability of a left-right flip
+    vflip_p: float | None = None                # probability of an up-down flip
     rotate_degrees: float | None = None         # uniform in [-d, d]
     window_center_jitter: float | None = None   # shift of the window centre, fraction of its width
     window_width_jitter: float | None = None    # relative change of the window width
@@ -99,12 +97,12 @@ class AugmentConfig:
     brightness: float | None = None             # additive, in [0,1] display units
     contrast: float | None = None               # multiplicative about the image mean, 1 +- c
     gamma: float | None = None                  # gamma in [1/(1+g), 1+g]
-    blur_p: float | None = None
+    blur_p: float | None = None                 # probability of a Gaussian blur
     blur_sigma: tuple[float, float] | None = None   # px at crop_size
-    noise_p: float | None = None
+    noise_p: float | None = None                # probability of added Gaussian noise
     noise_std: float | None = None              # max Gaussian noise std, in [0,1] display units
     mean: float = 0.5                           # normalisation after windowing to [0,1]
-    std: float = 0.25
+    std: float = 0.25                           # normalisation: (x - mean) / std
 
     def __post_init__(self) -> None:
         _check(self.crop_size >= 8, f"augment.crop_size must be >= 8 px, got {self.crop_size}")
@@ -130,25 +128,25 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
+    max_steps: int = 1000                  # optimizer steps; may grow on resume
     batch_size: int = 256                  # GLOBAL: across ranks and accumulation micro-steps
-    grad_accum: int = 1
+    grad_accum: int = 1                    # micro-batches per optimizer step
     lr: float | None = None                # base lr per 256 samples; scaled by batch_size / 256
     optimizer: Literal["auto", "lars", "adamw", "sgd"] = "auto"   # auto: the method's default
-    weight_decay: float | None = None
+    weight_decay: float | None = None      # None: the method's default
     momentum: float = 0.9                  # lars / sgd
     betas: tuple[float, float] = (0.9, 0.95)   # adamw
-    warmup_steps: int = 0
+    warmup_steps: int = 0                  # linear warm-up before the cosine decay
     min_lr_ratio: float = 0.0              # cosine decays to lr * min_lr_ratio
     clip_grad_norm: float = 0.0            # 0 disables clipping (the norm is still checked)
     # auto: bf16 on GPU, no on CPU. bool only because YAML reads a bare `no` as false.
     precision: Literal["auto", "bf16", "fp16", "no"] | bool = "auto"
-    compile: bool = False
+    compile: bool = False                  # torch.compile the model
     sync_batchnorm: bool = True            # several GPUs: BatchNorm statistics over the global batch
-    channels_last: bool = True
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
+    channels_last: bool = True             # NHWC memory layout (faster convolutions)
+    log_every: int = 10                    # steps between metrics.jsonl lines
+    checkpoint_every: int = 500            # steps between checkpoints
+    keep_checkpoints: int = 3              # newest checkpoints kept on disk
     max_nonfinite_steps: int = 5           # consecutive skipped steps before the run stops
 
     def __post_init__(self) -> None:
@@ -174,9 +172,9 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: Literal["online", "offline", "disabled"] = "disabled"
-    project: str = "medssl"
-    run_name: str | None = None
+    wandb: Literal["online", "offline", "disabled"] = "disabled"   # Weights & Biases mode
+    project: str = "medssl"                # Weights & Biases project
+    run_name: str | None = None            # Weights & Biases run name (None: generated)
     progress: bool = True                  # tqdm bar on rank zero
 
 
@@ -192,8 +190,8 @@ class DebugConfig:
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = ""
-    seed: int = 0
+    output_dir: str = ""           # the run dir; a re-run of the same command resumes from it
+    seed: int = 0                  # every random draw is a function of (seed, step, rank)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -207,40 +205,6 @@ class PretrainConfig:
         _check(bool(self.data.shards), "data.shards must name a shard folder, glob or brace pattern")
         _check(self.augment.crop_size <= self.data.load_size,
                f"augment.crop_size {self.augment.crop_size} must be <= data.load_size {self.data.load_size}")
-
-
-def resolve_method_defaults(cfg: PretrainConfig) -> PretrainConfig:
-    """Fill every ``None`` in ``augment`` and ``train`` from the method's registry entry."""
-    from pretrain.methods import get_method
-
-    spec = get_method(cfg.method.name)
-    aug = {k: v for k, v in dataclasses.asdict(cfg.augment).items()}
-    for key, value in spec.augment_defaults.items():
-        if aug.get(key) is None:
-            aug[key] = value
-    missing = [k for k, v in aug.items() if v is None]
-    if missing:
-        raise ConfigError(f"method {spec.name!r} gives no default for augment.{missing[0]}; set it")
-    train = cfg.train
-    optimizer = spec.optimizer if train.optimizer == "auto" else train.optimizer
-    updates = dict(
-        optimizer=optimizer,
-        lr=train.lr if train.lr is not None else spec.lr[optimizer if optimizer in spec.lr else "default"],
-        weight_decay=train.weight_decay if train.weight_decay is not None else spec.weight_decay,
-    )
-    model = cfg.model
-    if spec.fixed_input_size:
-        size = aug["crop_size"]
-        if model.kwargs.get("img_size", size) != size:
-            raise ConfigError(f"model.kwargs.img_size {model.kwargs['img_size']} must equal augment.crop_size "
-                              f"{size} for method {spec.name!r}; drop it or make them equal")
-        model = dataclasses.replace(model, kwargs={**model.kwargs, "img_size": size})
-    return dataclasses.replace(
-        cfg,
-        model=model,
-        augment=AugmentConfig(**aug),
-        train=dataclasses.replace(train, **updates),
-    )
 
 
 def scaled_lr(cfg: TrainConfig) -> float:

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medssl.data.shards import INDEX_NAME, read_index
+from medssl.data.layout import INDEX_NAME
+from medssl.data.shards import read_index
+from medssl.io import sha256_file
 from medssl.errors import MedsslError
 from medssl.rundir import ShardSource
 from pretrain.tarcount import count_in_processes, count_or_reason
@@ -47,14 +49,6 @@ class ShardReport:
     sources: list[ShardSource]
     samples: int
     cache: dict[str, dict[str, Any]] = field(default_factory=dict)   # path -> checked facts
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)   # releases the GIL: shards hash in parallel threads
-    return digest.hexdigest()
 
 
 def _counts(paths: list[str], workers: int) -> list[int | str]:
@@ -123,7 +117,7 @@ def check_shards(urls: list[str], spec: str, split: str, mode: str,
     if mode == "full":
         unhashed = [s for s in shards if s.problem is None and not s.facts.get("sha256")]
         with ThreadPoolExecutor(max(1, min(workers, len(unhashed)))) as pool:
-            for shard, digest in zip(unhashed, pool.map(lambda s: _sha256(s.url), unhashed)):
+            for shard, digest in zip(unhashed, pool.map(lambda s: sha256_file(s.url), unhashed)):
                 shard.facts["sha256"] = digest
         for shard in shards:
             shard.compare_sha()

@@ -35,7 +35,7 @@ from medssl.errors import ConfigError, MedsslError
 from medssl.rundir import RunRecord, nonfinite_tensors, write_record
 from pretrain.augment import GpuAugment
 from pretrain.checkpoint import StopFlag, capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from pretrain.config import PretrainConfig, cosine_factor, resolve_method_defaults, scaled_lr
+from pretrain.config import PretrainConfig, cosine_factor, scaled_lr
 from pretrain.data import (
     build_loader,
     estimated_epoch_steps,
@@ -45,6 +45,7 @@ from pretrain.data import (
 )
 from pretrain.methods import BACKBONE_PREFIX, get_method
 from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.resolve import resolve_config
 from pretrain.resume import RunPlan, plan_run, record_start
 from pretrain.shardcheck import write_cache
 from pretrain.tracking import MetricsFile, start_wandb
@@ -61,7 +62,7 @@ def pretrain_command(config_path: Path, overrides: list[str], force_resume: bool
     ``force_resume``: continue the run in ``output_dir`` although settings differ from its
     record (pretrain/resume.py); the differences are recorded in run.json.
     """
-    cfg = resolve_method_defaults(load_config(PretrainConfig, config_path, overrides))
+    cfg = resolve_config(load_config(PretrainConfig, config_path, overrides))
     return train(cfg, force_resume=force_resume)
 
 

@@ -379,7 +379,8 @@ def test_push_uploads_our_files_and_reports_failure_in_one_line(published, monke
 
 def _record(run: Path) -> None:
     """run.json for a make_run dir, as pretrain writes it (medssl/rundir.py)."""
-    from medssl.rundir import CheckpointEntry, Intensity, RunRecord, sha256_file, write_record
+    from medssl.io import sha256_file
+    from medssl.rundir import CheckpointEntry, Intensity, RunRecord, write_record
 
     entries = [CheckpointEntry(file=p.name, step=int(p.stem.split("_")[1]), sha256=sha256_file(p),
                                bytes=p.stat().st_size, weights_finite=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from medssl.errors import MedsslError
+from medssl.io import sha256_file
 from medssl.lock import LOCK_NAME
 from medssl.rundir import (
     ABSENT,
@@ -24,7 +25,6 @@ from medssl.rundir import (
     newest_intact,
     nonfinite_tensors,
     read_record,
-    sha256_file,
     write_record,
 )
 

@@ -42,7 +42,7 @@ def check_pixels(cost: int, max_pixels: int, what: str) -> None:
     frame"): messages never quote header text.
     """
     if cost > max_pixels:
-        from medssl.data.readers import Quarantine
+        from medssl.data.quarantine import Quarantine
 
         raise Quarantine("too_large", f"{what} is {cost:,} pixel values, more than "
                                       f"--max-pixels {max_pixels:,}")

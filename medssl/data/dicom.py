@@ -27,7 +27,6 @@ name). Always quarantined: segmentations, dose grids and other non-image objects
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,8 +37,9 @@ import numpy as np
 
 from medssl.data import dicom_file
 from medssl.data.budget import DEFAULT_MAX_PIXELS
-from medssl.data.readers import Quarantine, muted_loggers
+from medssl.data.quarantine import Quarantine, muted_loggers
 from medssl.data.sample import Slice
+from medssl.io import sha256_file
 
 SECONDARY_CAPTURE_ROOT = "1.2.840.10008.5.1.4.1.1.7"
 #: Objects with pixel data that are not pictures of anatomy (masks, dose grids, ...).
@@ -123,14 +123,6 @@ def _transfer_syntax(ds) -> str:
     return ts
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def patient_identity(ds, path: Path) -> str:
     """The raw identity pseudonyms are built from: PatientID, PatientName, StudyInstanceUID,
     else the file's content hash (each such file then counts as its own patient)."""
@@ -139,7 +131,7 @@ def patient_identity(ds, path: Path) -> str:
         # An emptied PersonName reads as "^^^^": no identity in it.
         if value and value.strip("^= "):
             return value
-    return "sha256:" + _file_hash(path)
+    return "sha256:" + sha256_file(path)
 
 
 def check_policy(ds, allow_burned_in: bool) -> None:

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medssl.data import budget
-from medssl.data.readers import Quarantine
+from medssl.data.quarantine import Quarantine
 
 DEFLATED = "1.2.840.10008.1.2.1.99"
 #: Elements larger than this stay on disk until needed (pixel data, big private blobs).

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medssl import __version__
-from medssl.data.shards import INDEX_NAME, file_sha256
+from medssl.data.layout import FORMAT, INDEX_NAME, JOURNAL_NAME
+from medssl.io import sha256_file
 from medssl.errors import MedsslError
 
 if TYPE_CHECKING:
@@ -27,8 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-JOURNAL_NAME = ".progress.jsonl"
-FORMAT = "medssl-shards/1"
 
 
 class Journal:
@@ -161,7 +160,7 @@ def check_complete(out: Path, index: dict) -> None:
         if size is not None and path.stat().st_size != size:
             raise MedsslError(f"{out}: damaged: {name} is {path.stat().st_size} bytes, "
                               f"{INDEX_NAME} says {size}; {hint}")
-        if file_sha256(path) != info.get("sha256"):
+        if sha256_file(path) != info.get("sha256"):
             raise MedsslError(f"{out}: damaged: {name} differs from its sha256 in {INDEX_NAME}; "
                               f"{hint}")
     unlisted = sorted(p.name for p in out.iterdir()
@@ -200,7 +199,7 @@ def open_journal(out: Path, config: dict, n_inputs: int) -> tuple[Journal, int, 
         path = out / rec["shard"]
         expected = f"{rec['split']}-{len(split_shards):06d}.tar"
         if (rec["split"] not in broken and rec["shard"] == expected and path.exists()
-                and file_sha256(path) == rec["sha256"]):
+                and sha256_file(path) == rec["sha256"]):
             rec.setdefault("bytes", path.stat().st_size)  # journals before "bytes" existed
             split_shards.append(rec)
         else:

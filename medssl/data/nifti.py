@@ -45,7 +45,7 @@ import numpy as np
 
 from medssl.data import budget
 from medssl.data.budget import DEFAULT_MAX_PIXELS
-from medssl.data.readers import Quarantine, muted_loggers
+from medssl.data.quarantine import Quarantine, muted_loggers
 from medssl.data.sample import Slice
 
 #: Which RAS array axis each anatomical plane is cut along.

@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from medssl.data.layout import JOURNAL_NAME
+from medssl.data.quarantine import Quarantine, muted_loggers  # noqa: F401  (the readers' API)
 from medssl.data.sample import Slice
 from medssl.errors import MedsslError
 
@@ -50,44 +51,6 @@ SKIPPED_NAMES = ("DICOMDIR",)
 OWN_OUTPUT_SUFFIXES = (".salt", ".report.jsonl")
 
 
-class Quarantine(Exception):
-    """A file the readers will not turn into samples, with a short snake_case ``reason``.
-
-    Reasons in use: ``unreadable``, ``truncated``, ``unsupported_format``,
-    ``unsupported_transfer_syntax``, ``undecodable``, ``unsupported_dimensions``,
-    ``burned_in_annotation``, ``secondary_capture``, ``ultrasound_burned_in``,
-    ``not_an_image``, ``no_pixel_data``, ``empty_volume``, ``too_large``.
-    """
-
-    def __init__(self, reason: str, message: str = "") -> None:
-        super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason = reason
-        self.message = message or reason
-
-    def __reduce__(self):
-        # Survive the trip back from a worker process with reason and message intact.
-        return (type(self), (self.reason, self.message))
-
-
-@contextmanager
-def muted_loggers(*names: str) -> Iterator[None]:
-    """Silence the named library loggers and their children for the duration.
-
-    Decoders log header and chunk *values* (pydicom quotes invalid names and dates at
-    WARNING, Pillow prints EXIF/tEXt values at DEBUG); nothing from a file may reach a log.
-    Readers hold this only around synchronous library calls, never across a ``yield``.
-    """
-    loggers = [logging.getLogger(name) for name in names]
-    saved = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)  # children left at NOTSET inherit this
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, saved):
-            lg.setLevel(level)
-
-
 def _lower_name(path: Path) -> str:
     return path.name.lower()
 
@@ -96,14 +59,12 @@ def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
     return _lower_name(path).endswith(suffixes)
 
 
-#: The progress journal an unfinished ``medssl shard`` run keeps in its folder (shard.py).
-SHARD_JOURNAL_NAME = ".progress.jsonl"
 
 
 def _is_shard_folder(folder: Path) -> bool:
     """A folder ``medssl shard`` wrote or is writing, which must not be read as input."""
     try:
-        if (folder / SHARD_JOURNAL_NAME).is_file():
+        if (folder / JOURNAL_NAME).is_file():
             return True
         index = folder / "index.json"
         if not index.is_file():

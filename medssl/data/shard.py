@@ -47,14 +47,14 @@ import webdataset as wds
 from tqdm import tqdm
 
 from medssl.data.journal import (
-    JOURNAL_NAME,
     build_index,
     check_complete,
     check_existing,
     open_journal,
 )
 from medssl.data.report import finish, report_line, report_path
-from medssl.data.shards import INDEX_NAME, file_sha256
+from medssl.data.layout import INDEX_NAME, JOURNAL_NAME
+from medssl.io import sha256_file
 from medssl.data.splits import parse_splits
 from medssl.data.worker import Encoded, InputItem, Job, iter_results
 from medssl.errors import ConfigError, MedsslError
@@ -110,7 +110,7 @@ class SplitWriter:
         tmp = Path(self.file.name)
         final = tmp.with_suffix("")  # drop ".tmp"
         os.replace(tmp, final)
-        self.on_complete(final.name, self.split, self.count, file_sha256(final),
+        self.on_complete(final.name, self.split, self.count, sha256_file(final),
                          final.stat().st_size)
         self.next_shard += 1
         self.writer = None

@@ -9,7 +9,6 @@ iteration fails once more than ``max_errors`` were skipped: nothing is dropped s
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -18,22 +17,13 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
+from medssl.data.layout import FORMAT, INDEX_NAME
 from medssl.errors import MedsslError
 from medssl.sample import ShardSample, read_sample
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-FORMAT = "medssl-shards/1"
 
-
-def file_sha256(path: Path | str) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_index(directory: Path | str) -> dict:

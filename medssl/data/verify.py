@@ -20,7 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 from medssl.data.sample import SAMPLE_META_KEYS
-from medssl.data.shards import file_sha256, read_index
+from medssl.data.shards import read_index
+from medssl.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def verify_shards(directory: Path) -> list[str]:
         size = info.get("bytes")  # indexes written before medssl recorded sizes have none
         if size is not None and path.stat().st_size != size:
             problems.append(f"{name}: {path.stat().st_size} bytes, index.json says {size}")
-        if file_sha256(path) != info.get("sha256"):
+        if sha256_file(path) != info.get("sha256"):
             problems.append(f"{name}: sha256 differs from index.json (file changed or corrupt)")
         count, shard_problems = _check_shard(path, split, patients, keys)
         problems += shard_problems

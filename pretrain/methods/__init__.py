@@ -12,12 +12,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from pretrain.config import PretrainConfig
+from pretrain.config import PretrainConfig
 
 #: Modules imported on first use; a new method is one more file and one more name here.
 _METHOD_MODULES = ("pretrain.methods.simclr", "pretrain.methods.mae")

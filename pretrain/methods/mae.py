@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import timm
 import torch
 from lightly.models import utils
@@ -18,10 +16,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medssl.errors import ConfigError
+from pretrain.config import PretrainConfig
 from pretrain.methods import register_method
-
-if TYPE_CHECKING:
-    from pretrain.config import PretrainConfig
 
 # MAE needs no heavy augmentation: masking is the pretext task (paper: crop + flip only).
 MAE_AUGMENT = dict(
@@ -91,10 +87,16 @@ class MAE(nn.Module):
     weight_decay=0.05, augment=MAE_AUGMENT, fixed_input_size=True,
 )
 def build_mae(cfg: PretrainConfig) -> nn.Module:
-    vit = timm.create_model(cfg.model.arch, num_classes=0, in_chans=cfg.model.in_chans, **cfg.model.kwargs)
+    needs = (f"model.arch {cfg.model.arch!r}: MAE needs a timm VisionTransformer "
+             "(e.g. vit_base_patch16_224)")
+    try:
+        vit = timm.create_model(cfg.model.arch, num_classes=0, in_chans=cfg.model.in_chans, **cfg.model.kwargs)
+    except TypeError as exc:   # a CNN refuses the img_size MAE fixes: say what is wrong
+        if "img_size" in str(exc):
+            raise ConfigError(f"{needs}; method.name=mae does not fit this architecture") from None
+        raise
     if not isinstance(vit, VisionTransformer):
-        raise ConfigError(f"model.arch {cfg.model.arch!r}: MAE needs a timm VisionTransformer "
-                          f"(e.g. vit_base_patch16_224), got {type(vit).__name__}")
+        raise ConfigError(f"{needs}, got {type(vit).__name__}")
     if vit.num_prefix_tokens != 1 or vit.patch_embed.dynamic_img_pad:
         raise ConfigError(f"model.arch {cfg.model.arch!r}: MAE here needs exactly one class token "
                           "and no dynamic padding")

@@ -5,18 +5,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import timm
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 
+from pretrain.config import PretrainConfig
 from pretrain.methods import register_method
-
-if TYPE_CHECKING:
-    from pretrain.config import PretrainConfig
 
 # Sized for windowed medical intensities, not ImageNet colour: a tight window jitter and mild
 # intensity changes keep tissue contrast meaningful; small rotations because scans are

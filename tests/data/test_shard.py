@@ -22,7 +22,8 @@ from medssl.data import sample as sample_mod
 from medssl.data import shard as shard_mod
 from medssl.data import worker as worker_mod
 from medssl.data.sample import SAMPLE_META_KEYS
-from medssl.data.shards import file_sha256, read_index
+from medssl.data.shards import read_index
+from medssl.io import sha256_file
 from medssl.data.synth import canary_strings, write_corpus
 from medssl.data.verify import verify_shards
 from medssl.lock import LOCK_NAME
@@ -57,7 +58,7 @@ def untouched(out: Path) -> dict[str, int]:
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(out.glob("*.tar"))}
+    return {p.name: sha256_file(p) for p in sorted(out.glob("*.tar"))}
 
 
 def members(out: Path):

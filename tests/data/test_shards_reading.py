@@ -11,7 +11,8 @@ import pytest
 import webdataset as wds
 
 from medssl.data.sample import decode_image, encode_png
-from medssl.data.shards import file_sha256, iter_samples, list_shards, read_index
+from medssl.data.shards import iter_samples, list_shards, read_index
+from medssl.io import sha256_file
 from medssl.errors import MedsslError
 
 
@@ -43,7 +44,7 @@ def folder(tmp_path):
     for name, (split, samples) in layout.items():
         _write_shard(tmp_path / name, samples)
         shards[name] = {"split": split, "samples": len(samples),
-                        "sha256": file_sha256(tmp_path / name)}
+                        "sha256": sha256_file(tmp_path / name)}
     index = {"format": "medssl-shards/1", "shards": shards,
              "splits": {"train": {"samples": 3, "patients": 1},
                         "val": {"samples": 1, "patients": 1}}}

@@ -11,7 +11,7 @@ import webdataset as wds
 
 from medssl.cli import main
 from medssl.data.sample import encode_png
-from medssl.data.shards import file_sha256
+from medssl.io import sha256_file
 from medssl.data.verify import verify_command, verify_shards
 from medssl.errors import MedsslError
 
@@ -32,7 +32,7 @@ def make_folder(root, layout, index_patch=None):
             for s in samples:
                 tw.write(s)
         shards[name] = {"split": split, "samples": len(samples),
-                        "sha256": file_sha256(root / name)}
+                        "sha256": sha256_file(root / name)}
         entry = splits.setdefault(split, {"samples": 0, "patients": set()})
         entry["samples"] += len(samples)
         entry["patients"] |= {json.loads(s["json"])["patient"] for s in samples}

@@ -72,7 +72,7 @@ def write_labeled_shards(out: Path, kind: str = "multiclass", n_classes: int = 3
     split by patient 60/20/20, labelled per patient."""
     import webdataset as wds
 
-    from medssl.data.shards import file_sha256
+    from medssl.io import sha256_file
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def write_labeled_shards(out: Path, kind: str = "multiclass", n_classes: int = 3
     index = {
         "format": "medssl-shards/1", "medssl_version": "0.1.0", "created": "2026",
         "shards": {f"{s}-000000.tar": {"split": s, "samples": counts[s],
-                                        "sha256": file_sha256(out / f"{s}-000000.tar")}
+                                        "sha256": sha256_file(out / f"{s}-000000.tar")}
                    for s in counts},
         "splits": {s: {"samples": counts[s], "patients": len(pats[s])} for s in counts},
         "labels": {"type": kind, "names": names},

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import run_cli, snapshot
 
-from medssl.rundir import read_record, sha256_file
+from medssl.io import sha256_file
+from medssl.rundir import read_record
 
 
 def _args(shards: Path, out: Path, *extra: str) -> list[str]:

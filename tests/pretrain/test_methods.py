@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 
 from medssl.config import load_config
-from pretrain.config import PretrainConfig, resolve_method_defaults
+from pretrain.config import PretrainConfig
+from pretrain.resolve import resolve_method_defaults
 from pretrain.methods import BACKBONE_PREFIX, available_methods, get_method
 
 TINY_MAE = ["method.name=mae", "model.arch=vit_tiny_patch16_224", "model.kwargs={patch_size: 8, depth: 2}",

@@ -122,9 +122,9 @@ def test_report_records_provenance_and_the_cache_spares_a_resume_the_reading(
     assert len(cached) == 8 and all(c["samples"] == 16 and len(c["sha256"]) == 64 for c in cached.values())
 
     reads: list[str] = []
-    count, digest = shardcheck.count_or_reason, shardcheck._sha256
+    count, digest = shardcheck.count_or_reason, shardcheck.sha256_file
     monkeypatch.setattr(shardcheck, "count_or_reason", lambda p: reads.append(Path(p).name) or count(p))
-    monkeypatch.setattr(shardcheck, "_sha256", lambda p: reads.append(Path(p).name) or digest(p))
+    monkeypatch.setattr(shardcheck, "sha256_file", lambda p: reads.append(Path(p).name) or digest(p))
     code, _, err = run_cli(capsys, *_args(shards, out, "train.max_steps=3", "data.verify=full"))
     assert code == 0 and reads == [], err          # the cache vouched for every shard
     os.utime(shards / "train-000000.tar", ns=(1, 1))

@@ -13,7 +13,8 @@ import yaml
 from medssl.config import load_config
 from medssl.errors import ConfigError, MedsslError
 from pretrain.checkpoint import latest_checkpoint
-from pretrain.config import PretrainConfig, resolve_method_defaults
+from pretrain.config import PretrainConfig
+from pretrain.resolve import resolve_method_defaults
 from pretrain.trainer import pretrain_command, train
 
 DEBUG_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "debug.yaml"
