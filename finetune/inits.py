@@ -15,7 +15,6 @@ channels, mean/std and (for grayscale scans) the intensity window.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,10 +76,7 @@ def load_init(init: Init, arch: str, data_channels: int, in_chans: int | None,
 
 
 def _published_input(init: Init) -> tuple[int, tuple[float, float] | None]:
-    path = init.path / "config.json"
-    if not path.is_file():
-        raise MedsslError(f"inits: {init}: {path} not found; is it a `medssl publish` dir?")
-    pcfg = json.loads(path.read_text()).get("pretrained_cfg") or {}
-    in_chans = int(pcfg.get("in_chans") or (pcfg.get("input_size") or [3])[0])
-    win = pcfg.get("window")
-    return in_chans, ((float(win["center"]), float(win["width"])) if win else None)
+    from medssl.published import read_published
+
+    published = read_published(init.path)
+    return published.in_chans, published.window

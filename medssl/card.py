@@ -17,6 +17,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from medssl.results import Results
+from medssl.rundir import ShardSource
 
 _CODE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
 _FORMAT = re.compile(r"^medssl-shards/\d+$")
@@ -41,6 +42,7 @@ class CardInfo:
     medssl_version: str = "unknown"
     index: dict[str, Any] | None = None
     index_sha256: str | None = None
+    sources: list[ShardSource] = field(default_factory=list)   # what pretraining read (run.json)
     results: Results | None = None
     repo_id: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -88,11 +90,26 @@ def _description(info: CardInfo) -> str:
     )
 
 
+def _read_by_pretraining(info: CardInfo) -> str:
+    """What the run record says pretraining read: split, index digest, salt id, counts, so that
+    anyone benchmarking these weights later can check their test data against it."""
+    if not info.sources:
+        return ""
+    lines = ["Pretraining read (from the run record; digests identify the shard folders without "
+             "naming them):\n", "| split | index.json sha256 | salt id | shards | samples |",
+             "|---|---|---|---:|---:|"]
+    for s in info.sources:
+        lines.append(f"| {_code(s.split or '?')} | `{_digest(s.index_sha256)}` | "
+                     f"`{_code(s.salt_id or '?')}` | {_num(s.shards)} | {_num(s.samples)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _provenance(info: CardInfo) -> str:
     index = info.index
+    read = _read_by_pretraining(info)
     if not index:
         return ("## Data provenance\n\nThe shard index of the training data was not available at "
-                "publish time, so its provenance is **not recorded** here.\n")
+                "publish time, so its split and input counts are **not recorded** here.\n\n" + read)
     source = (f"Counts from the training shards' `index.json` (shard format "
               f"`{_format(index.get('format'))}`; written by medssl "
               f"{_code(index.get('medssl_version', '?'))}; index sha256 `{info.index_sha256 or '?'}`).\n")
@@ -122,7 +139,7 @@ def _provenance(info: CardInfo) -> str:
         lines.append(f"- Pseudonym salt id: `{_code(str(salt))}` (a hash of the secret salt, not the salt).")
     if index.get("created"):
         lines.append(f"- Shards created: {_code(str(index['created']))[:4]}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + read
 
 
 def _deid() -> str:
@@ -197,22 +214,27 @@ def _limitations(info: CardInfo) -> str:
 
 
 def _how_to_load(info: CardInfo) -> str:
-    extra = "".join(f", {k}={v!r}" for k, v in sorted(info.model_args.items())
-                    if k not in ("in_chans", "num_classes", "global_pool"))
+    source = f"hf-hub:{info.repo_id}" if info.repo_id else "local-dir:/path/to/this/folder"
     snippet = (
         "import timm\n\n"
-        "model = timm.create_model(\n"
-        f"    {info.arch!r}, pretrained=True, num_classes=0, in_chans={info.in_chans}{extra},\n"
-        "    pretrained_cfg_overlay=dict(file=\"model.safetensors\"),  # path to this folder's file\n"
-        ")\n"
+        f"model = timm.create_model(\"{source}\", pretrained=True)\n"
         "model.eval()  # features: model(x) -> [B, model.num_features]\n"
+        "cfg = timm.data.resolve_data_config({}, model=model)  # input size, mean, std\n"
     )
-    text = ("## How to load\n\nWith plain timm; check `SHA256SUMS` first "
-            "(`sha256sum -c SHA256SUMS`).\n\n```python\n" + snippet + "```\n")
+    text = ("## How to load\n\nWith plain timm (`config.json` holds the architecture and its "
+            f"arguments: {info.in_chans} input channel(s){_args_words(info)}); check `SHA256SUMS` "
+            "first (`sha256sum -c SHA256SUMS`).\n\n```python\n" + snippet + "```\n")
     if info.repo_id:
-        text += ("\nFrom the Hub:\n\n```python\nimport timm\n\n"
-                 f"model = timm.create_model(\"hf-hub:{info.repo_id}\", pretrained=True)\n```\n")
+        text += ("\nA downloaded copy loads the same way with `local-dir:` and the folder's path.\n")
+    else:
+        text += ("\nPushed to the Hugging Face Hub, the same line loads it as `hf-hub:ORG/NAME`.\n")
     return text
+
+
+def _args_words(info: CardInfo) -> str:
+    extra = ", ".join(f"{k}={v!r}" for k, v in sorted(info.model_args.items())
+                      if k not in ("in_chans", "num_classes", "global_pool"))
+    return f", {extra}" if extra else ""
 
 
 def _metric(mean: float | None, ci: list[float | None]) -> str:
@@ -237,6 +259,12 @@ def _code(value: Any) -> str:
     """A data-derived token, or '?' when it does not look like a short code."""
     text = str(value)
     return text if _CODE.match(text) else "?"
+
+
+def _digest(value: Any) -> str:
+    """A hex digest, or '?' (nothing else may pass as one onto the card)."""
+    text = str(value or "")
+    return text if re.fullmatch(r"[0-9a-f]{8,128}", text) else "?"
 
 
 def _format(value: Any) -> str:

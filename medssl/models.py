@@ -14,7 +14,6 @@ When none is available, ``WeightsUnavailable`` lets a benchmark record a clear s
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from medssl.errors import MedsslError
 from medssl.init import Init
-from medssl.publish import hub_cache_dir, hub_online
+from medssl.hub import hub_cache_dir, hub_online
 
 log = logging.getLogger(__name__)
 
@@ -113,27 +112,21 @@ def _create(
 
 
 def _create_ssl(arch: str, directory: Path, kwargs: dict[str, Any]) -> torch.nn.Module:
-    from medssl.publish import verify_published
+    from medssl.published import read_published
 
-    verify_published(directory)
-    config = json.loads((directory / "config.json").read_text())
-    published = config.get("architecture")
-    if published != arch:
+    published = read_published(directory)   # SHA256SUMS checked before anything is read
+    if published.arch != arch:
         raise MedsslError(
-            f"{directory / 'config.json'}: weights are for {published!r}, not {arch!r}; "
-            f"set model.arch={published}"
+            f"{directory / 'config.json'}: weights are for {published.arch!r}, not {arch!r}; "
+            f"set model.arch={published.arch}"
         )
-    cfg = config.get("pretrained_cfg") or {}
     # Declare the published channel count and normalisation, so timm adapts the first conv
     # from the right source (e.g. 1 -> 3 channels) and backbone_input_cfg reports them.
-    overlay: dict[str, Any] = {"file": str(directory / "model.safetensors")}
-    for key in ("input_size", "mean", "std", "interpolation", "crop_pct"):
-        if key in cfg:
-            overlay[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
-    for key, value in (config.get("model_args") or {}).items():
+    for key, value in published.model_args.items():
         if key not in ("in_chans", "num_classes"):
             kwargs.setdefault(key, value)
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=published.timm_overlay(),
+                             **kwargs)
 
 
 def imagenet_state_dict(arch: str, imagenet_weights: str | Path | None = None) -> dict[str, torch.Tensor]:

@@ -27,6 +27,8 @@ from medssl.io import sha256_file
 from medssl.lock import LOCK_NAME
 
 FORMAT = "medssl-run/1"
+#: Format tag inside each training checkpoint (``checkpoints/step_XXXXXXXX.pt``).
+CHECKPOINT_FORMAT = "medssl-ckpt/1"
 RECORD_NAME = "run.json"
 CHECKPOINTS = "checkpoints"
 #: Files a run dir may hold before its record exists: the lock of the command creating it.
@@ -108,6 +110,8 @@ class RunRecord:
     checkpoints: list[CheckpointEntry] = field(default_factory=list)   # oldest first
     forced_resumes: list[ForcedResume] = field(default_factory=list)
     starts: list[Start] = field(default_factory=list)
+    #: What the latest start derived from the config: peak_lr, precision, world_size, local_batch.
+    resolved: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
 
     def latest_sources(self) -> list[ShardSource]:
@@ -286,3 +290,26 @@ def nonfinite_tensors(tensors: Mapping[str, Any]) -> list[str]:
 def source_summary(sources: Iterable[ShardSource]) -> str:
     """``/data/shards (train, index 1a2b3c4d)`` for messages."""
     return "; ".join(f"{s.folder} ({s.split}, index {(s.index_sha256 or 'none')[:12]})" for s in sources)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint, read weights-only (never unpickled); MedsslError naming the file
+    when it is unreadable or not a medssl checkpoint. Read by resume and by publish."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable or not weights-only: refuse, never unpickle
+        raise MedsslError(f"{path}: cannot load as a weights-only checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MedsslError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    return ckpt
+
+
+def backbone_state(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The timm backbone's state dict inside a checkpoint: keys with its ``backbone_prefix``."""
+    prefix = ckpt.get("backbone_prefix", "backbone.")
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise MedsslError(f"{path}: no keys start with backbone_prefix {prefix!r}")
+    return state

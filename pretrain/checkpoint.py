@@ -20,11 +20,16 @@ import torch
 
 from medssl.errors import MedsslError
 from medssl.io import sha256_file
-from medssl.rundir import CheckpointEntry, RunRecord, add_checkpoint, write_record
+from medssl.rundir import (
+    CHECKPOINT_FORMAT,
+    CheckpointEntry,
+    RunRecord,
+    add_checkpoint,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "medssl-ckpt/1"
 LATEST = "latest.txt"
 
 
@@ -44,16 +49,6 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable or not weights-only: refuse, never unpickle
-        raise MedsslError(f"{path}: cannot load as a weights-only checkpoint ({exc})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise MedsslError(f"{path}: not a {FORMAT} checkpoint")
-    return ckpt
-
-
 def save_checkpoint(output_dir: str | Path, state: dict[str, Any], keep: int,
                     record: RunRecord) -> CheckpointEntry:
     """Write ``state`` as ``step_XXXXXXXX.pt`` and record its sha256, then point ``latest.txt``
@@ -67,7 +62,7 @@ def save_checkpoint(output_dir: str | Path, state: dict[str, Any], keep: int,
     folder.mkdir(parents=True, exist_ok=True)
     name = f"step_{int(state['step']):08d}.pt"
     tmp = folder / (name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
     entry = CheckpointEntry(file=name, step=int(state["step"]), sha256=sha256_file(tmp),
                             bytes=tmp.stat().st_size, weights_finite=True)
     os.replace(tmp, folder / name)

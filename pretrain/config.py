@@ -8,7 +8,6 @@ filled in from the method registry by ``pretrain.resolve.resolve_config``, so th
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal

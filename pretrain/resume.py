@@ -170,7 +170,8 @@ def _look(out: Path) -> _State:
 
 
 def _load_legacy(out: Path) -> tuple[dict[str, Any], str]:
-    from pretrain.checkpoint import latest_checkpoint, load_checkpoint
+    from medssl.rundir import load_checkpoint
+    from pretrain.checkpoint import latest_checkpoint
 
     try:
         path = latest_checkpoint(out)

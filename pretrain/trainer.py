@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from medssl.config import load_config, save_config, to_dict
 from medssl.errors import ConfigError, MedsslError
-from medssl.rundir import RunRecord, nonfinite_tensors, write_record
+from medssl.rundir import RunRecord, load_checkpoint, nonfinite_tensors, write_record
 from pretrain.augment import GpuAugment
-from pretrain.checkpoint import StopFlag, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from pretrain.checkpoint import StopFlag, capture_rng, restore_rng, save_checkpoint
 from pretrain.config import PretrainConfig, cosine_factor, scaled_lr
 from pretrain.data import (
     build_loader,
@@ -202,12 +202,14 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
         augment_record = trainer.augment.record()
         data_intensity = summarize_intensity(urls)
         record = record_start(run_plan, cfg, world, augment_record, data_intensity)
+        resolved = {"world_size": world, "local_batch": local_batch,
+                    "precision": accelerator.mixed_precision, "peak_lr": scaled_lr(cfg.train)}
+        record.resolved = resolved
         write_record(out, record)   # from here on the folder is this run's
         if run_plan.report is not None:
             write_cache(out, run_plan.report.cache)
         save_config(cfg, out / "config.yaml", extra={
-            "resolved": {"world_size": world, "local_batch": local_batch,
-                         "precision": accelerator.mixed_precision, "peak_lr": scaled_lr(cfg.train)},
+            "resolved": resolved,
             **augment_record,
             "data_intensity": data_intensity,
         })

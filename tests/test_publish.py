@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from medssl.errors import MedsslError
 from medssl.models import create_backbone
-from medssl.publish import publish_command, verify_published
+from medssl.publish import publish_command
+from medssl.published import verify_published
 
 INDEX = {
     "format": "medssl-shards/1",
@@ -62,55 +63,54 @@ class TinySSL(torch.nn.Module):
 
 
 def make_run(root: Path, arch: str = "resnet18", in_chans: int = 1, size: int = 32,
-             shards_spec: str | None = None, pretrain_style: bool = False,
-             **model_kwargs) -> tuple[Path, TinySSL]:
-    """A run dir as medssl pretrain leaves it (docs/internals.md), plus its shard folder.
+             mean: float = 0.5, std: float = 0.25, modality: str | None = None,
+             window: dict | None = None, pipeline: str = "window then scale to [0,1], then (x - mean) / std",
+             resolved: dict | None = None, **model_kwargs) -> tuple[Path, TinySSL]:
+    """A run dir as medssl pretrain leaves it (run.json, config.yaml, two checkpoints), plus
+    its shard folder. publish reads run.json only (medssl/rundir.py)."""
+    from medssl.io import sha256_file
+    from medssl.rundir import CheckpointEntry, Intensity, RunRecord, ShardSource, write_record
 
-    ``pretrain_style`` writes config.yaml as pretrain/trainer.py does today (model.kwargs,
-    augment.crop_size, normalization, data_intensity); otherwise the brief's layout
-    (model.<kwarg>, intensity: {window, mean, std}). publish must read both.
-    """
     shards = root / "shards"
     shards.mkdir(parents=True)
     (shards / "index.json").write_text(json.dumps(INDEX))
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
     torch.manual_seed(0)
-    method = TinySSL(arch, in_chans, **model_kwargs)
+    method = TinySSL(arch, in_chans, **{k: v for k, v in model_kwargs.items() if "drop" not in k})
     method.train()
     with torch.no_grad():   # move BN running stats off their init so they are checked too
         for _ in range(2):
             method.backbone(torch.randn(4, in_chans, size, size))
     config = {
         "output_dir": str(run), "seed": 0,
-        "data": {"shards": shards_spec or str(shards), "num_workers": 0},
-        "model": {"arch": arch, "in_chans": in_chans, **model_kwargs},
+        "data": {"shards": str(shards), "num_workers": 0},
+        "model": {"arch": arch, "in_chans": in_chans, "kwargs": model_kwargs},
         "method": {"name": "simclr", "temperature": 0.1},
         "train": {"max_steps": 10, "batch_size": 8, "lr": 0.3, "checkpoint_every": 5},
-        "augment": {"size": size},
+        "augment": {"crop_size": size},
         "logging": {"wandb": "disabled"},
-        "intensity": {"window": {"center": 40, "width": 400}, "mean": 0.5, "std": 0.25},
-        "git_sha": "abc123def",
-        "something_new": {"pretrain": "may add keys"},
     }
-    if pretrain_style:
-        config["model"] = {"arch": arch, "in_chans": in_chans,
-                           "kwargs": dict(model_kwargs, drop_path_rate=0.1)}
-        config["augment"] = {"crop_size": size, "mean": 0.4, "std": 0.3}
-        config["intensity"] = "stored * slope + offset -> window -> [0, 1] -> (x - mean) / std"
-        config["normalization"] = {"mean": [0.4], "std": [0.3]}
-        config["data_intensity"] = {"modality": "MR", "unit": None,
-                                    "window": {"center": 300.0, "width": 600.0}}
-        config["resolved"] = {"world_size": 1, "peak_lr": 0.0015}
-        config["train"]["lr"] = None
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     older = {k: torch.zeros_like(v) for k, v in method.state_dict().items()}
+    entries = []
     for step, state in ((5, older), (10, method.state_dict())):
+        path = run / "checkpoints" / f"step_{step:08d}.pt"
         torch.save({"format": "medssl-ckpt/1", "step": step, "model": state,
                     "backbone_prefix": "backbone.", "optimizer": {}, "scheduler": {},
                     "scaler": None, "rng": {"torch": torch.get_rng_state()}, "data": {"seen": step},
-                    "wandb_id": None, "config": config}, run / "checkpoints" / f"step_{step:08d}.pt")
+                    "wandb_id": None, "config": config}, path)
+        entries.append(CheckpointEntry(file=path.name, step=step, sha256=sha256_file(path),
+                                       bytes=path.stat().st_size, weights_finite=True))
     (run / "checkpoints" / "latest.txt").write_text("step_00000010.pt\n")
+    index_sha = hashlib.sha256((shards / "index.json").read_bytes()).hexdigest()
+    write_record(run, RunRecord(
+        medssl_version="0.1.0", git_sha="abc123def", method="simclr", arch=arch, in_chans=in_chans,
+        input_size=size, model_kwargs=dict(model_kwargs),
+        intensity=Intensity(pipeline=pipeline, mean=[mean], std=[std], modality=modality, window=window),
+        config=config, checkpoints=entries, resolved=dict(resolved or {}),
+        data=[ShardSource(folder=str(shards.resolve()), split="train", index_sha256=index_sha,
+                          salt_id="5a1t1d0123", shards=4, samples=812)]))
     method.eval()
     return run, method
 
@@ -118,7 +118,7 @@ def make_run(root: Path, arch: str = "resnet18", in_chans: int = 1, size: int = 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("pub")
-    run, method = make_run(root)
+    run, method = make_run(root, modality="CT", window={"center": 40, "width": 400})
     results = root / "results.json"
     results.write_text(json.dumps(RESULTS))
     out = root / "published"
@@ -157,24 +157,47 @@ def test_ssl_init_route_gives_the_same_features(published):
 
 
 def test_config_json_is_timm_hub_layout(published):
+    from dataclasses import fields
+
+    from timm.models._pretrained import PretrainedCfg
+
     _, _, out, _ = published
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "resnet18"
     assert config["num_classes"] == 0 and config["num_features"] == 512
+    assert config["model_args"] == {"in_chans": 1, "num_classes": 0}
     cfg = config["pretrained_cfg"]
-    assert cfg["input_size"] == [1, 32, 32] and cfg["in_chans"] == 1
-    assert cfg["mean"] == [0.5] and cfg["std"] == [0.25]
+    # Only keys timm's PretrainedCfg knows: local-dir: and hf-hub: build one from it.
+    assert set(cfg) <= {f.name for f in fields(PretrainedCfg)}, set(cfg) - {f.name for f in fields(PretrainedCfg)}
+    assert cfg["input_size"] == [1, 32, 32] and cfg["mean"] == [0.5] and cfg["std"] == [0.25]
     assert cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 1.0
-    assert cfg["modality"] == "CT" and cfg["window"] == {"center": 40, "width": 400}
     assert "hf_hub_id" not in cfg and cfg["license"] == "other"
+    ours = config["medssl"]
+    assert ours["modality"] == "CT" and ours["window"] == {"center": 40, "width": 400}
     raw = (published[0] / "shards" / "index.json").read_bytes()
-    assert config["medssl"] == {"method": "simclr", "steps": 10, "git_sha": "abc123def",
-                                "source_index_sha256": hashlib.sha256(raw).hexdigest(),
-                                "medssl_version": "0.1.0"}
+    assert ours["method"] == "simclr" and ours["steps"] == 10 and ours["git_sha"] == "abc123def"
+    assert ours["source_index_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert ours["pretraining_data"] == [{"split": "train", "index_sha256": hashlib.sha256(raw).hexdigest(),
+                                         "salt_id": "5a1t1d0123", "shards": 4, "samples": 812}]
     # timm's own hub-config parser accepts it.
     from timm.models._hub import load_model_config_from_path
     _, name, model_args = load_model_config_from_path(out)
     assert name == "resnet18" and model_args["in_chans"] == 1
+
+
+def test_local_dir_loads_it_the_hub_way_bitwise_equal_to_the_overlay(published):
+    # timm.create_model("local-dir:DIR") is the code path of "hf-hub:ORG/NAME" for a pushed
+    # copy; it must give exactly the features of the documented overlay load and of training.
+    _, _, out, method = published
+    hub_way = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    overlay = timm.create_model("resnet18", pretrained=True, in_chans=1, num_classes=0,
+                                pretrained_cfg_overlay={"file": str(out / "model.safetensors")}).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(hub_way(x), overlay(x))
+        assert torch.equal(hub_way(x), method.backbone(x))
+    data = timm.data.resolve_data_config({}, model=hub_way)
+    assert data["input_size"] == (1, 32, 32) and tuple(data["mean"]) == (0.5,)
 
 
 def test_card_has_provenance_and_no_paths(published):
@@ -184,7 +207,8 @@ def test_card_has_provenance_and_no_paths(published):
     for needle in ("| train | 812 | 19 |", "| val | 97 | 3 |", "| test | 101 | 2 |",
                    "Patients in all splits: 24", "CT 1010", "`medssl-shards/1`", "burned_in_annotation 7",
                    "5a1t1d0123", "pneumoniamnist", "0.912 [0.901, 0.923]", "0.877",
-                   "defacing", "HMAC", "import timm", "pretrained_cfg_overlay"):
+                   "defacing", "HMAC", "import timm", 'timm.create_model("local-dir:',
+                   "| train | `" + hashlib.sha256((root / "shards" / "index.json").read_bytes()).hexdigest()):
         assert needle in text, needle
     for secret in (str(root), str(run), "/shards", "/run", "/tmp", "pub0"):
         assert secret not in text, secret
@@ -236,18 +260,21 @@ def test_republish_replaces_only_a_previous_publish(published, tmp_path):
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
-def test_missing_checkpoint_or_config_is_a_clear_error(tmp_path):
+def test_missing_checkpoint_or_run_record_is_a_clear_error(tmp_path):
+    from medssl.rundir import read_record, write_record
+
     run, _ = make_run(tmp_path, arch="test_resnet")
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    config["model"]["in_chans"] = 3            # disagrees with the checkpoint's 1-channel stem
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    record = read_record(run)
+    record.in_chans = 3                      # disagrees with the checkpoint's 1-channel stem
+    write_record(run, record)
     with pytest.raises(MedsslError, match="do not fit test_resnet"):
         publish_command(run, tmp_path / "out")
-    (run / "checkpoints" / "latest.txt").unlink()
-    with pytest.raises(MedsslError, match="latest.txt"):
+    record.checkpoints = []
+    write_record(run, record)
+    with pytest.raises(MedsslError, match="lists no checkpoint"):
         publish_command(run, tmp_path / "out")
-    (run / "config.yaml").unlink()
-    with pytest.raises(MedsslError, match="config.yaml"):
+    (run / "run.json").unlink()
+    with pytest.raises(MedsslError, match="run.json: missing"):
         publish_command(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -279,7 +306,7 @@ def test_push_offline_fails_fast(published, no_token, monkeypatch, tmp_path):
     with pytest.raises(MedsslError, match="HF_HUB_OFFLINE"):
         publish_command(run, tmp_path / "out", push_to_hub="someone/medssl-test")
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr("medssl.publish.hub_online", lambda timeout_s=3.0: False)
+    monkeypatch.setattr("medssl.hub.hub_online", lambda timeout_s=3.0: False)
     with pytest.raises(MedsslError, match="not reachable"):
         publish_command(run, tmp_path / "out", push_to_hub="someone/medssl-test")
 
@@ -305,10 +332,12 @@ def test_cli_missing_run_dir_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "run dir not found" in lines[0]
 
 
-def test_vit_with_img_size_and_brace_pattern(tmp_path):
+def test_vit_with_img_size_and_the_records_intensity(tmp_path):
     run, method = make_run(tmp_path, arch="test_vit", in_chans=1, size=32, img_size=32,
-                           shards_spec=str(tmp_path / "shards" / "train-{000000..000003}.tar"),
-                           pretrain_style=True)
+                           drop_path_rate=0.1, mean=0.4, std=0.3, modality="MR",
+                           window={"center": 300.0, "width": 600.0},
+                           pipeline="stored * slope + offset -> window -> [0, 1] -> (x - mean) / std",
+                           resolved={"world_size": 1, "peak_lr": 0.0015})
     results = tmp_path / "results.json"
     results.write_text(json.dumps({**RESULTS, "rows": [], "aggregates": [
         {"task": "demo", "init": f"ssl:{tmp_path}/out", "init_label": "ssl:out", "protocol": "linear",
@@ -319,20 +348,22 @@ def test_vit_with_img_size_and_brace_pattern(tmp_path):
     assert config["model_args"]["img_size"] == 32 and "drop_path_rate" not in config["model_args"]
     cfg = config["pretrained_cfg"]
     assert cfg["input_size"] == [1, 32, 32] and cfg["mean"] == [0.4] and cfg["std"] == [0.3]
-    assert cfg["modality"] == "MR" and cfg["window"] == {"center": 300.0, "width": 600.0}
-    assert cfg["intensity"].startswith("stored * slope")
+    assert config["medssl"]["modality"] == "MR"
+    assert config["medssl"]["window"] == {"center": 300.0, "width": 600.0}
+    assert config["medssl"]["intensity"].startswith("stored * slope")
     card = (out / "README.md").read_text()
     assert "| demo | ssl:out | linear | 1 | 0.710 | 0.600 | 3 | images |" in card, card
     assert str(tmp_path) not in card and "| train.peak_lr | 0.0015 |" in card
-    assert config["medssl"]["source_index_sha256"] is not None      # index found via the pattern
-    assert "img_size=32" in (out / "README.md").read_text()
+    assert "img_size=32" in card
     model = create_backbone("test_vit", 1, f"ssl:{out}").eval()
     plain = timm.create_model("test_vit", pretrained=True, in_chans=1, num_classes=0, img_size=32,
                               pretrained_cfg_overlay={"file": str(out / "model.safetensors")}).eval()
+    hub_way = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), method.backbone(x))
         assert torch.equal(plain(x), method.backbone(x))
+        assert torch.equal(hub_way(x), method.backbone(x))
 
 
 @pytest.mark.parametrize("offline_at_import", [False, True])
@@ -347,7 +378,7 @@ def test_push_uploads_our_files_and_reports_failure_in_one_line(published, monke
     # what counts is the environment now.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline_at_import)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr("medssl.publish.hub_online", lambda timeout_s=3.0: True)
+    monkeypatch.setattr("medssl.hub.hub_online", lambda timeout_s=3.0: True)
     calls = []
 
     class FakeApi:
@@ -377,23 +408,8 @@ def test_push_uploads_our_files_and_reports_failure_in_one_line(published, monke
     verify_published(out)     # the local publish is complete even though the push failed
 
 
-def _record(run: Path) -> None:
-    """run.json for a make_run dir, as pretrain writes it (medssl/rundir.py)."""
-    from medssl.io import sha256_file
-    from medssl.rundir import CheckpointEntry, Intensity, RunRecord, write_record
-
-    entries = [CheckpointEntry(file=p.name, step=int(p.stem.split("_")[1]), sha256=sha256_file(p),
-                               bytes=p.stat().st_size, weights_finite=True)
-               for p in sorted((run / "checkpoints").glob("step_*.pt"))]
-    write_record(run, RunRecord(
-        medssl_version="0.1.0", git_sha="abc123def", method="simclr", arch="resnet18", in_chans=1,
-        input_size=32, model_kwargs={}, intensity=Intensity(pipeline="window", mean=[0.5], std=[0.25]),
-        config=yaml.safe_load((run / "config.yaml").read_text()), checkpoints=entries))
-
-
 def test_checkpoint_damaged_after_recording_is_refused_naming_the_intact_one(tmp_path):
     run, _ = make_run(tmp_path)
-    _record(run)
     assert publish_command(run, tmp_path / "ok") == 0          # verified against run.json
     newest = run / "checkpoints" / "step_00000010.pt"
     data = bytearray(newest.read_bytes())
@@ -415,6 +431,14 @@ def test_nonfinite_weights_are_refused(tmp_path):
     for key in floats[1:]:            # all but the first become NaN or infinite
         ckpt["model"][key] = torch.full_like(ckpt["model"][key], float("nan") if len(key) % 2 else float("inf"))
     torch.save(ckpt, path)
+    # Recorded as it now is (and claimed finite): publish checks the tensors themselves.
+    from medssl.io import sha256_file
+    from medssl.rundir import read_record, write_record
+
+    record = read_record(run)
+    entry = record.entry(path.name)
+    entry.sha256, entry.bytes = sha256_file(path), path.stat().st_size
+    write_record(run, record)
     n_backbone = sum(1 for k in ckpt["model"] if k.startswith("backbone."))
     with pytest.raises(MedsslError) as info:
         publish_command(run, tmp_path / "out")

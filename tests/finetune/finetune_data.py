@@ -4,7 +4,6 @@ published dirs holding random weights."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -131,12 +130,10 @@ def write_published(folder, in_chans=1, window=(40.0, 400.0)):
     torch.manual_seed(0)
     model = timm.create_model(ARCH, num_classes=0, in_chans=in_chans)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
-    config = {"architecture": ARCH, "num_classes": 0, "num_features": model.num_features,
-              "pretrained_cfg": {"input_size": [in_chans, 32, 32], "in_chans": in_chans,
-                                 "mean": [0.5] * in_chans, "std": [0.25] * in_chans,
-                                 "window": {"center": window[0], "width": window[1]}}}
+    from medssl.published import hub_config, write_sums
+
+    config = hub_config(model, ARCH, in_chans, 32, [0.5] * in_chans, [0.25] * in_chans, "other", {},
+                        "simclr", {"window": {"center": window[0], "width": window[1]}})
     (folder / "config.json").write_text(json.dumps(config))
-    lines = "".join(f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}\n"
-                    for n in ("config.json", "model.safetensors"))
-    (folder / "SHA256SUMS").write_text(lines)
+    write_sums(folder, ["config.json", "model.safetensors"])
     return folder, model
