@@ -227,3 +227,16 @@ def overall_shift_verdict(folds: dict[str, dict[str, dict[str, Any]]]) -> str:
     if len(winners) == 1 and None not in winners:
         return f"{display_name(winners.pop())} loses least at every held-out site ({len(folds)})."
     return f"No init clearly loses least at every held-out site ({len(folds)}); see the per-site lines."
+
+
+def shift_entries(per_fold: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The ``shift`` entry of each init's aggregate: per_fold is holdout -> ``shift_group``'s
+    result for that fold. Adds each fold's ``verdict`` and the overall one (the same words in
+    every init's entry). Schema: docs/results_schema.md."""
+    inits = list(dict.fromkeys(i for entries in per_fold.values() for i in entries))
+    texts = {h: shift_verdict(entries) for h, entries in per_fold.items()}
+    overall = overall_shift_verdict(per_fold)
+    attribute = next((e["attribute"] for entries in per_fold.values() for e in entries.values()), None)
+    return {i: {"attribute": attribute,
+                "folds": {h: {**entries[i], "verdict": texts[h]} for h, entries in per_fold.items() if i in entries},
+                "verdict": overall} for i in inits}

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from finetune.evaluation_config import ShiftConfig
-from finetune.shift import overall_shift_verdict, shift_folds, shift_group, shift_verdict
+from finetune.shift import (
+    overall_shift_verdict,
+    shift_entries,
+    shift_folds,
+    shift_group,
+    shift_verdict,
+)
 from medssl.errors import MedsslError
 
 REF = "ssl:pub"
@@ -95,6 +101,9 @@ def test_drop_interval_and_verdict_name_the_init_that_loses_least():
     drop = inet["drop"]
     assert f"imagenet drops {drop['mean']:+.3f} [{drop['ci'][0]:+.3f}, {drop['ci'][1]:+.3f}]" in text
     assert overall_shift_verdict({"C": out}) == "ssl:pub loses least at every held-out site (1)."
+    entry = shift_entries({"C": out})["imagenet"]
+    assert entry["attribute"] == "site" and entry["folds"]["C"]["verdict"] == text
+    assert entry["folds"]["C"]["drop"] == inet["drop"] and entry["verdict"].startswith("ssl:pub loses least")
 
 
 def test_verdict_claims_nothing_when_the_drops_are_alike():
