@@ -199,7 +199,9 @@ def reliability_bins(labels: np.ndarray, scores: np.ndarray, task: str, n_bins: 
 @dataclass
 class Temperature:
     """Fitted temperatures: ``values`` ``[1]`` (binary, multi-class, or multi-label shared) or
-    ``[L]`` (multi-label per label); ``fitted`` False where validation had one class (T = 1)."""
+    ``[L]`` (multi-label per label); ``fitted`` False where validation had one class (T = 1).
+    T lies in [0.01, 100]; T at 100 means validation preferred near-uniform probabilities (the
+    scores carried no usable information)."""
 
     values: np.ndarray
     fitted: np.ndarray
