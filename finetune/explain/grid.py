@@ -51,7 +51,7 @@ def draw_grid(images: np.ndarray, maps: np.ndarray, true: Sequence[int], pred: S
     if images.shape != maps.shape or len(images) != len(true) or len(true) != len(pred):
         raise ValueError(f"images {images.shape}, maps {maps.shape}, {len(true)} true and "
                          f"{len(pred)} predicted labels do not line up")
-    classes = sorted(set(int(t) for t in true))
+    classes = sorted({int(t) for t in true})
     rows = {c: [i for i, t in enumerate(true) if int(t) == c] for c in classes}
     per_row = max(len(v) for v in rows.values()) if rows else 1
     fig = Figure(figsize=(2 * per_row * panel_in, len(classes) * panel_in * 1.15 + 0.8))

@@ -76,7 +76,7 @@ def explain_set(model: nn.Module, images: torch.Tensor, labels: Sequence[int],
     maps = map_fn(model, images, chosen)
     model_test = cascading_randomisation(model, images, chosen, map_fn, reference=maps, seed=seed)
     tests = [model_test["verdict"]]
-    record: dict = {"method": method, "n_images": int(len(images)), "targets": chosen,
+    record: dict = {"method": method, "n_images": len(images), "targets": chosen,
                     "accuracy": float(np.mean(pred == labels)),
                     "model_randomisation": {"stages": model_test["stages"],
                                             "final": _brief(model_test["final"]),

@@ -126,7 +126,7 @@ def compare_maps(reference: np.ndarray, other: np.ndarray) -> dict:
             "ssim": float(np.nanmean(ssim_a)) if np.isfinite(ssim_a).any() else float("nan"),
             "ssim_ci": _ci(ssim_a[np.isfinite(ssim_a)]) if np.isfinite(ssim_a).any()
             else (float("nan"), float("nan")),
-            "n": int(len(rho_a)), "flat": flat, "per_image_spearman": [round(r, 4) for r in rho]}
+            "n": len(rho_a), "flat": flat, "per_image_spearman": [round(r, 4) for r in rho]}
 
 
 def verdict(comparison: dict, test: str, threshold: float = FAIL_ABOVE) -> dict:

@@ -119,7 +119,7 @@ def phash(unit: np.ndarray, bits: int = DEFAULT_BITS) -> np.ndarray:
     """Hash of a float ``[H, W]`` view (``unit_view``'s output): ``bits // 8`` uint8 bytes."""
     if bits not in HASH_BITS:
         raise ValueError(f"hash bits must be one of {HASH_BITS}, got {bits}")
-    k = int(round(bits ** 0.5))
+    k = round(bits ** 0.5)
     view = canonical(unit)
     if view.shape[0] != 4 * k:
         view = _box(view, 4 * k, 4 * k)

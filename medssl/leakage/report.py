@@ -45,7 +45,11 @@ def _measured_words(measured: dict, radius: int, bits: int) -> str:
     ci = f" (95% CI {lo:.2f}-{hi:.2f})" if lo is not None else ""
     return (f"on {measured['benchmark']} this threshold found {measured['recall']:.2f}{ci} of "
             f"{measured.get('copies', '?')} transformed copies, and flagged "
-            f"{100 * measured['fp_rate_pairs']:.3f}% of unrelated cross-set pairs")
+            f"{100 * measured['fp_rate_pairs']:.3f}% of unrelated cross-set pairs"
+            + (f" (yet {100 * measured['clean_task_images_flagged']:.0f}% of task images with no "
+               "copy had at least one such pair there, every synthetic patient being drawn from "
+               "one template: judge pairs by looking, not by their count)"
+               if measured.get("clean_task_images_flagged") is not None else ""))
 
 
 def markdown(result: LeakageResult) -> str:
@@ -58,32 +62,32 @@ def markdown(result: LeakageResult) -> str:
     lines = [
         "# Leakage check: task images seen in pretraining",
         "",
-        f"- Pretraining images: {result.pretrain_samples}; task images: {task_total} "
-        f"({', '.join(f'{s} {n}' for s, n in result.task_samples.items())}).",
-        f"- Rule: a pair is reported at {rule} between perceptual hashes computed in each "
-        f"image's own window; {_measured_words(result.measured, result.radius, result.bits)}.",
-        f"- Blank images (flat in their window, never compared): pretraining "
-        f"{result.blank['pretrain']}, task {result.blank['task']}.",
+        (f"- Pretraining images: {result.pretrain_samples}; task images: {task_total} "
+        f"({', '.join(f'{s} {n}' for s, n in result.task_samples.items())})."),
+        (f"- Rule: a pair is reported at {rule} between perceptual hashes computed in each "
+        f"image's own window; {_measured_words(result.measured, result.radius, result.bits)}."),
+        (f"- Blank images (flat in their window, never compared): pretraining "
+        f"{result.blank['pretrain']}, task {result.blank['task']}."),
         "",
     ]
     if not result.leaked:
-        lines.append(f"No task image has a near-duplicate in the pretraining set under this rule. "
-                     f"That is not proof of absence: copies transformed beyond what was "
-                     f"measured can pass unseen.")
+        lines.append("No task image has a near-duplicate in the pretraining set under this rule. "
+                     "That is not proof of absence: copies transformed beyond what was "
+                     "measured can pass unseen.")
     else:
         per_split = ", ".join(f"{s} {n} of {result.task_samples[s]}"
                               for s, n in result.matched.items())
-        lines += [f"**{matched} task image(s) have at least one near-duplicate in the pretraining "
+        lines += [(f"**{matched} task image(s) have at least one near-duplicate in the pretraining "
                   f"set** ({per_split}); {result.pairs_total} pair(s) in all. Each needs a look: a "
-                  f"pair can also be two different but very similar images.", "",
+                  f"pair can also be two different but very similar images."), "",
                   "| task split | task key | pretraining key | Hamming | cosine |",
                   "| --- | --- | --- | ---: | ---: |"]
         for p in result.pairs:
             cos = "" if p.cosine is None else f"{p.cosine:.3f}"
             lines.append(f"| {p.task_split} | {p.task_key} | {p.pretrain_key} | {p.hamming} | {cos} |")
         if len(result.pairs) < result.pairs_total:
-            lines += ["", f"{result.pairs_total - len(result.pairs)} further pair(s) are counted "
-                      "but not listed (at most the closest few per task image)."]
+            lines += ["", (f"{result.pairs_total - len(result.pairs)} further pair(s) are counted "
+                      "but not listed (at most the closest few per task image).")]
     return "\n".join(lines) + "\n"
 
 
