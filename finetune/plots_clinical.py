@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.inits import display_name
+from medssl.init import Init
 
 
 def _pyplot():
@@ -51,7 +51,7 @@ def plot_reliability(path: Path, title: str, entries: dict[str, dict[str, Any]],
         ax.set_aspect("equal")
         ax.set_xlabel("confidence" if e.get("kind") == "top-label" else "predicted probability")
         ax.set_ylabel("accuracy" if e.get("kind") == "top-label" else "observed frequency")
-        ax.set_title(f"{display_name(init)}", fontsize=10)
+        ax.set_title(f"{Init.parse(init).label}", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{title}: reliability ({binning} bins)", fontsize=11)
     fig.tight_layout()
@@ -94,10 +94,10 @@ def plot_forest(path: Path, title: str, entries: dict[str, dict[str, Any]], metr
                 if lo is not None and hi is not None:
                     ax.plot([lo, hi], [y, y], color=colors[j % len(colors)], lw=1.5)
                 ax.plot([m["mean"]], [y], "o", color=colors[j % len(colors)], markersize=4,
-                        label=display_name(init))
+                        label=Init.parse(init).label)
             gap = block["gap"]
             if gap.get("status") == "ok" and gap[metric].get("mean") is not None:
-                gaps.append(f"{display_name(init)} gap {gap[metric]['mean']:.2f}")
+                gaps.append(f"{Init.parse(init).label} gap {gap[metric]['mean']:.2f}")
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels(groups)
         ax.set_ylim(len(groups) - 0.5, -0.5)  # first group on top, room for every init's offset

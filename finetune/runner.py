@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from finetune.aggregate import aggregate_task, resampling_of
 from finetune.cells import CellSpec, CellStore, cell_key
 from finetune.config import FinetuneRunConfig, TaskConfig
 from finetune.features import cached_features
@@ -35,9 +36,8 @@ from finetune.inits import fingerprint, load_init
 from finetune.knn import run_knn
 from finetune.linear import run_linear
 from finetune.metrics import evaluate
-from finetune.preprocess import Preprocessor
-from finetune.aggregate import aggregate_task, resampling_of
 from finetune.plots import plot_task
+from finetune.preprocess import Preprocessor
 from finetune.report import write_report
 from finetune.tasks import SPLITS, TaskData, load_task
 from finetune.tracking import Tracker
