@@ -41,11 +41,13 @@ import webdataset as wds
 from PIL import Image
 from scipy import ndimage
 
+from medssl.data.layout import FORMAT
 from medssl.data.sample import encode_intensity, encode_png
-from medssl.data.shards import FORMAT, file_sha256
 from medssl.data.synth import draw_patient
+from medssl.io import sha256_file
 from medssl.leakage.phash import hamming, phash, unit_view
 from medssl.leakage.scan import compare, find_pairs, hash_folder
+from medssl.sample import ShardSample
 
 WINDOW = (40.0, 400.0)
 TRANSFORMS = ("resize", "jpeg", "rotate", "crop", "brightness")
@@ -104,7 +106,7 @@ def write_folder(folder: Path, samples: list[dict], split: str, shard_size: int 
             for s in samples[start:start + shard_size]:
                 tw.write(s)
         shards[name] = {"split": split, "samples": len(samples[start:start + shard_size]),
-                        "sha256": file_sha256(folder / name)}
+                        "sha256": sha256_file(folder / name)}
     index = {"format": FORMAT, "shards": shards,
              "splits": {split: {"samples": len(samples)}}}
     (folder / "index.json").write_text(json.dumps(index, indent=2))
@@ -235,12 +237,11 @@ def main() -> None:
         rng = np.random.default_rng(3)
         keys = rng.choice(sorted(built["task_hu"]), size=100, replace=False)
         row = {k: i for i, k in enumerate(task.keys)}
-        meta = {"intensity": {"offset": 0.0, "slope": 1.0},
-                "window": {"center": WINDOW[0], "width": WINDOW[1]}}
         alone = {}
         for which in TRANSFORMS:
-            d = [int(hamming(phash(unit_view(transform(built["task_hu"][k][0], rng, (which,),
-                                                           full=True)[None], meta)),
+            d = [int(hamming(phash(unit_view(ShardSample(
+                     "k", transform(built["task_hu"][k][0], rng, (which,), full=True)[None],
+                     window=(float(WINDOW[0]), float(WINDOW[1]))))),
                              task.hashes[row[k]])) for k in keys]
             alone[which] = {"median_bits": float(np.median(d)), "max_bits": int(np.max(d)),
                             "recall_at_chosen": None if chosen is None

@@ -10,12 +10,14 @@ import webdataset as wds
 from PIL import Image
 from scipy import ndimage
 
+from medssl.data.layout import FORMAT
 from medssl.data.sample import encode_intensity, encode_png
-from medssl.data.shards import FORMAT, file_sha256
 from medssl.errors import MedsslError
+from medssl.io import sha256_file
 from medssl.leakage import DEFAULT_RADIUS, find_leaks, from_dict, to_dict, write_report
 from medssl.leakage.index import HammingIndex
 from medssl.leakage.phash import hamming, phash, unit_view
+from medssl.sample import ShardSample
 
 WINDOW = {"center": 40.0, "width": 400.0}
 
@@ -55,20 +57,17 @@ def _folder(path, samples_by_split: dict[str, list[dict]]):
         with wds.TarWriter(str(path / name), encoder=False, mtime=0.0) as tw:
             for s in samples:
                 tw.write(s)
-        shards[name] = {"split": split, "samples": len(samples), "sha256": file_sha256(path / name)}
+        shards[name] = {"split": split, "samples": len(samples), "sha256": sha256_file(path / name)}
     index = {"format": FORMAT, "shards": shards,
              "splits": {s: {"samples": len(v)} for s, v in samples_by_split.items()}}
     (path / "index.json").write_text(json.dumps(index))
     return path
 
 
-def _meta(window=WINDOW, offset=0.0, slope=1.0):
-    return {"window": window, "intensity": {"offset": offset, "slope": slope}}
-
-
 def _hash(hu: np.ndarray, window=WINDOW) -> np.ndarray:
     stored, offset, slope = encode_intensity(np.rint(hu).astype(np.int32))
-    return phash(unit_view(stored[None], _meta(window, offset, slope)))
+    win = (float(window["center"]), float(window["width"])) if window else None
+    return phash(unit_view(ShardSample("k", stored[None], offset=offset, slope=slope, window=win)))
 
 
 def test_copies_are_close_and_unrelated_images_far():

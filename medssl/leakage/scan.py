@@ -83,10 +83,10 @@ def hash_folder(folder: Path | str, bits: int = DEFAULT_BITS, splits: list[str] 
     total = sum(int(index.get("splits", {}).get(s, {}).get("samples", 0)) for s in wanted) or None
     bar = tqdm(total=total, unit="img", desc=desc, disable=None)
     for split in wanted:
-        for key, image, meta in iter_samples(list_shards(folder, split)):
-            view = unit_view(image, meta)
-            keys.append(key)
-            patients.append(meta.get("patient"))
+        for sample in iter_samples(list_shards(folder, split)):
+            view = unit_view(sample)
+            keys.append(sample.key)
+            patients.append(sample.patient)
             split_of.append(split)
             flat = is_blank(view)
             blank.append(flat)
