@@ -127,7 +127,7 @@ def test_array_runs_and_merge_equals_single_run(slurm_cluster: None, tmp_path: P
         part_rows.update(CellStore(out / bench.PARTS_DIR / name).rows)
     assert len(merged["rows"]) == 2 * 2 * 2 == len(part_rows)
     assert {r["key"]: (r["auc"], r["acc"]) for r in merged["rows"]} == \
-        {k: (r["auc"], r["acc"]) for k, r in part_rows.items()}
+        {k: (r.auc, r.acc) for k, r in part_rows.items()}
     assert {(a["task"], a["protocol"]) for a in merged["aggregates"]} == \
         {(t, p) for t in ("left", "right") for p in ("knn", "linear")}
     assert all(a["n_seeds"] == 2 for a in merged["aggregates"])
