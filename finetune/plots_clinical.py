@@ -6,12 +6,46 @@ results.json (docs/results_schema.md), so the figures can be redrawn from result
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from finetune.inits import display_name
+from finetune.config import FinetuneRunConfig
+from medssl.init import Init
+from medssl.results import Aggregate
+
+
+def clinical_plot_names(task: str, protocol: str) -> dict[str, str]:
+    """File names (under ``plots/``) of a task's figures for one protocol."""
+    return {"reliability": f"{task}-{protocol}-reliability.png", "subgroups": f"{task}-{protocol}-subgroups.png"}
+
+
+def figure_fraction(aggregates: list[Aggregate], task: str, protocol: str, key: str) -> float | None:
+    """The label fraction a task's figure shows for a protocol: the largest with a ``key``
+    entry (``calibration`` or ``subgroups``), None when there is none."""
+    fractions = [a.fraction for a in aggregates
+                 if a.task == task and a.protocol == protocol and getattr(a, key) is not None]
+    return max(fractions) if fractions else None
+
+
+def plot_task_clinical(plots_dir: Path, task: str, cfg: FinetuneRunConfig, aggregates: list[Aggregate]) -> None:
+    """Per protocol, at its largest label fraction: the reliability diagram (one panel per init)
+    and, with subgroups, the forest plot (``clinical_plot_names``)."""
+    order = [str(i) for i in cfg.init_list]
+    for protocol in cfg.protocols:
+        names = clinical_plot_names(task, protocol)
+        for key, plot in (("calibration", plot_reliability), ("subgroups", plot_forest)):
+            fraction = figure_fraction(aggregates, task, protocol, key)
+            if fraction is None:
+                continue
+            group = sorted((a for a in aggregates if a.task == task and a.protocol == protocol
+                            and a.fraction == fraction and getattr(a, key) is not None),
+                           key=lambda a: order.index(a.init) if a.init in order else len(order))
+            entries = {a.init: dataclasses.asdict(getattr(a, key)) for a in group}
+            plot(plots_dir / names["reliability" if key == "calibration" else "subgroups"],
+                 f"{task} {protocol}, label fraction {fraction:g}", entries)
 
 
 def _pyplot():
@@ -51,7 +85,7 @@ def plot_reliability(path: Path, title: str, entries: dict[str, dict[str, Any]],
         ax.set_aspect("equal")
         ax.set_xlabel("confidence" if e.get("kind") == "top-label" else "predicted probability")
         ax.set_ylabel("accuracy" if e.get("kind") == "top-label" else "observed frequency")
-        ax.set_title(f"{display_name(init)}", fontsize=10)
+        ax.set_title(f"{Init.parse(init).label}", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{title}: reliability ({binning} bins)", fontsize=11)
     fig.tight_layout()
@@ -94,10 +128,10 @@ def plot_forest(path: Path, title: str, entries: dict[str, dict[str, Any]], metr
                 if lo is not None and hi is not None:
                     ax.plot([lo, hi], [y, y], color=colors[j % len(colors)], lw=1.5)
                 ax.plot([m["mean"]], [y], "o", color=colors[j % len(colors)], markersize=4,
-                        label=display_name(init))
+                        label=Init.parse(init).label)
             gap = block["gap"]
             if gap.get("status") == "ok" and gap[metric].get("mean") is not None:
-                gaps.append(f"{display_name(init)} gap {gap[metric]['mean']:.2f}")
+                gaps.append(f"{Init.parse(init).label} gap {gap[metric]['mean']:.2f}")
         ax.set_yticks(range(len(groups)))
         ax.set_yticklabels(groups)
         ax.set_ylim(len(groups) - 0.5, -0.5)  # first group on top, room for every init's offset

@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 
 from finetune.evaluation_config import ShiftConfig
-from finetune.inits import display_name
 from finetune.metrics import binary_columns, evaluate
 from finetune.seed_bootstrap import bootstrap_seeds, summary_json
 from finetune.stats import Resampling, weighted_auc
 from finetune.subgroups import attribute_values
 from medssl.errors import MedsslError
+from medssl.init import Init
 
 SPLITS = ("train", "val", "test")
 
@@ -209,14 +209,14 @@ def shift_verdict(entries: dict[str, dict[str, Any]]) -> str:
         return "No shift result."
     any_entry = next(iter(entries.values()))
     where = f"{any_entry['attribute']} {any_entry['holdout']} is held out"
-    drops = "; ".join(f"{display_name(i)} drops {_fmt(e['drop'])}" for i, e in entries.items())
+    drops = "; ".join(f"{Init.parse(i).label} drops {_fmt(e['drop'])}" for i, e in entries.items())
     if len(entries) == 1:
         return f"When {where}: {drops}."
     best = least_loser(entries)
     if best is not None:
-        return f"When {where}, {display_name(best)} loses least (paired intervals exclude 0): {drops}."
+        return f"When {where}, {Init.parse(best).label} loses least (paired intervals exclude 0): {drops}."
     finite = {i: e["drop"]["mean"] for i, e in entries.items() if e["drop"]["mean"] is not None}
-    smallest = f" (smallest point drop: {display_name(min(finite, key=finite.get))})" if finite else ""
+    smallest = f" (smallest point drop: {Init.parse(min(finite, key=finite.get)).label})" if finite else ""
     return f"When {where}, no init clearly loses less than the others{smallest}: {drops}."
 
 
@@ -225,7 +225,7 @@ def overall_shift_verdict(folds: dict[str, dict[str, dict[str, Any]]]) -> str:
     if it clearly loses least at every held-out site."""
     winners = {least_loser(entries) for entries in folds.values()}
     if len(winners) == 1 and None not in winners:
-        return f"{display_name(winners.pop())} loses least at every held-out site ({len(folds)})."
+        return f"{Init.parse(winners.pop()).label} loses least at every held-out site ({len(folds)})."
     return f"No init clearly loses least at every held-out site ({len(folds)}); see the per-site lines."
 
 
