@@ -38,7 +38,8 @@ def aggregate_task(task: TaskData, rows: list[CellRow], scores: dict[str, np.nda
     out: list[Aggregate] = []
     for protocol in cfg.protocols:
         for fraction in cfg.label_fractions:
-            group = [r for r in rows if r.protocol == protocol and r.fraction == fraction and r.ok]
+            group = [r for r in rows if r.protocol == protocol and r.fraction == fraction and r.ok
+                     and r.fold is None]  # site-shift cells are aggregated under ``shift``
             cells: dict[str, dict[int, np.ndarray]] = {}
             points: dict[str, dict[int, tuple[float, float]]] = {}
             for r in group:

@@ -73,7 +73,9 @@ FLOOR_DRAWS = 1000
 def calibration_targets(labels: np.ndarray, scores: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
     """``(confidence [N, K], outcome [N, K])`` float: K = 1 (top-label) or L (per-label)."""
     y = labels.reshape(len(labels), -1)
-    scores = np.asarray(scores, dtype=np.float64)
+    # kNN's vote fractions can leave [0, 1] by a rounding error (1 + 2e-16); a confidence
+    # above 1 would give a negative Bernoulli variance in the noise floor.
+    scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
     if task == MULTILABEL:
         return scores, (y > 0).astype(np.float64)
     if task == "binary-class":

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from finetune.evaluation_config import EvaluationConfig
 from medssl.errors import ConfigError
 from medssl.init import Init
 
@@ -163,6 +164,8 @@ class FinetuneRunConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    #: Calibration (always), subgroups and site shift of every cell (finetune/evaluation_config.py).
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -197,3 +200,4 @@ class FinetuneRunConfig:
             raise ConfigError("feature_batch_size must be >= 1")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ConfigError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
+        self.evaluation.check_run(self.protocols, self.label_fractions)

@@ -7,11 +7,17 @@ evaluation:
   min_subgroup_per_class: 5           # units with and without each scored class
   calibration_bins: 15
   shift: {attribute: site, holdout: [SITE_A]}   # or {attribute: site, leave_one_out: true}
+  # shift.protocols: the run's knn and linear by default; shift.fractions: all of the run's
 ```
 
 Calibration (ECE before/after temperature scaling) needs no switch: every cell with
 probabilistic outputs reports it. Every value is checked in ``__post_init__`` with a message that
 says what to change.
+
+Cost of the shift: each fold retrains every (init, seed, protocol, fraction) it covers on the
+other sites, so F folds multiply those cells by F. kNN and the linear probe reuse the cached
+frozen features (a fold only re-selects rows), so they cost seconds; full fine-tuning would
+retrain a network per fold, and is therefore run only when ``shift.protocols`` names it.
 """
 
 from __future__ import annotations
@@ -30,9 +36,15 @@ class ShiftConfig:
     """Site shift as a protocol: hold out the ``holdout`` values of ``attribute`` (or each value
     in turn with ``leave_one_out``), train and select on the rest (finetune/shift.py)."""
 
-    attribute: str = "site"
+    attribute: str = "site"       # the attribute whose values are held out (sex, age, site, view)
+    #: Values held out, one fold each (a single name is a list of one).
     holdout: list[str] = field(default_factory=list)
-    leave_one_out: bool = False
+    leave_one_out: bool = False   # instead of holdout: every value found in the test split in turn
+    #: Protocols the folds run; null = the run's knn and linear (cheap on cached features):
+    #: finetune retrains a whole network per fold, so it runs only when listed here.
+    protocols: list[str] | None = None
+    #: Label fractions the folds run at (of the other sites' train images); null = all of the run's.
+    fractions: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.attribute not in ATTRIBUTES:
@@ -47,18 +59,26 @@ class ShiftConfig:
                               f"(holdout: [NAME]) or set leave_one_out: true")
         if any(not h.strip() for h in self.holdout) or len(set(self.holdout)) != len(self.holdout):
             raise ConfigError(f"evaluation.shift.holdout must be distinct non-empty names, got {self.holdout}")
+        if self.protocols is not None and (not self.protocols or len(set(self.protocols)) != len(self.protocols)):
+            raise ConfigError(f"evaluation.shift.protocols must be distinct protocol names, got {self.protocols}")
+        if self.fractions is not None and (not self.fractions or any(not 0 < f <= 1 for f in self.fractions)):
+            raise ConfigError(f"evaluation.shift.fractions must be label fractions in (0, 1] or null, "
+                              f"got {self.fractions}")
 
 
 @dataclass
 class EvaluationConfig:
+    #: Attributes scored per subgroup (sex, age, site, view); [] = none (shard tasks only).
     subgroups: list[str] = field(default_factory=list)
     #: A subgroup with fewer test units (patients where known, else images) is "not estimable".
     min_subgroup_count: int = 20
-    #: ... and so is one with fewer units with, or without, any scored class.
+    #: A subgroup with fewer units with, or without, any scored class is "not estimable" too.
     min_subgroup_per_class: int = 5
-    calibration_bins: int = 15
+    calibration_bins: int = 15   # bins of the expected calibration error (equal-width and equal-mass)
     #: Multi-label temperature scaling: one temperature per label (True) or one for all.
     per_label_temperature: bool = True
+    #: Site shift: {attribute: site, holdout: [NAME]} or {attribute: site, leave_one_out: true},
+    #: optional protocols (default: the run's knn, linear) and fractions (default: all); null = no shift.
     shift: ShiftConfig | None = None
 
     def __post_init__(self) -> None:
@@ -79,3 +99,32 @@ class EvaluationConfig:
         if not 2 <= self.calibration_bins <= 100:
             raise ConfigError(f"evaluation.calibration_bins must be between 2 and 100 (15 is usual), "
                               f"got {self.calibration_bins}")
+
+    def check_run(self, protocols: list[str], fractions: list[float]) -> None:
+        """Cross-checks against the run's grid: the shift runs a subset of its cells."""
+        if self.shift is None:
+            return
+        extra = [p for p in self.shift.protocols or [] if p not in protocols]
+        if extra:
+            raise ConfigError(f"evaluation.shift.protocols {extra} are not in protocols {protocols}; "
+                              f"the shift reruns protocols of the grid only")
+        if not self.shift_protocols(protocols):
+            raise ConfigError(f"evaluation.shift runs no protocol: by default it reruns knn and linear, "
+                              f"and protocols is {protocols}; list them in evaluation.shift.protocols")
+        if self.shift.fractions is not None:
+            extra_f = [f for f in self.shift.fractions if f not in fractions]
+            if extra_f:
+                raise ConfigError(f"evaluation.shift.fractions {extra_f} are not in label_fractions {fractions}")
+
+    def shift_protocols(self, protocols: list[str]) -> list[str]:
+        """The run's protocols the shift folds cover, in run order ([] without a shift)."""
+        if self.shift is None:
+            return []
+        chosen = self.shift.protocols if self.shift.protocols is not None else ["knn", "linear"]
+        return [p for p in protocols if p in chosen]
+
+    def shift_fractions(self, fractions: list[float]) -> list[float]:
+        """The run's label fractions the shift folds cover, in run order."""
+        if self.shift is None:
+            return []
+        return list(fractions) if self.shift.fractions is None else [f for f in fractions if f in self.shift.fractions]

@@ -48,7 +48,8 @@ def predict(model: nn.Module, split: Split, prep: Callable, device: torch.device
 def run_finetune(make_backbone: Callable[[], nn.Module], task: TaskData, train_idx: np.ndarray,
                  prep: Callable, cfg: FinetuneConfig, device: torch.device, seed: int,
                  eval_batch_size: int) -> dict:
-    """Train on ``train_idx`` of the train split; returns best-epoch test scores and history."""
+    """Train on ``train_idx`` of the train split; returns the best epoch's test and validation
+    scores, and the history."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     multilabel = task.multilabel
@@ -58,7 +59,7 @@ def run_finetune(make_backbone: Callable[[], nn.Module], task: TaskData, train_i
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     train, labels = task.splits["train"], task.splits["train"].labels
-    best_auc, best_epoch, best_test, stale, history = -math.inf, -1, None, 0, []
+    best_auc, best_epoch, best_test, best_val, stale, history = -math.inf, -1, None, None, 0, []
     for epoch in range(cfg.epochs):
         model.train()
         order = rng.permutation(train_idx)
@@ -84,7 +85,7 @@ def run_finetune(make_backbone: Callable[[], nn.Module], task: TaskData, train_i
         history.append({"epoch": epoch, "loss": total / max(len(order), 1), "val_auc": val_auc})
         log.debug("finetune %s epoch %d loss %.4f val AUC %.4f", task.name, epoch, history[-1]["loss"], val_auc)
         if val_auc > best_auc or best_test is None:
-            best_auc, best_epoch, stale = val_auc, epoch, 0
+            best_auc, best_epoch, best_val, stale = val_auc, epoch, val, 0
             # Scoring test at each improvement equals restoring the best weights at the end,
             # without keeping a second copy of the model.
             best_test = predict(model, task.splits["test"], prep, device, eval_batch_size, multilabel)
@@ -92,5 +93,5 @@ def run_finetune(make_backbone: Callable[[], nn.Module], task: TaskData, train_i
             stale += 1
             if stale >= cfg.patience:
                 break
-    return {"test_scores": best_test, "chosen": {"best_epoch": best_epoch, "epochs_run": len(history)},
+    return {"test_scores": best_test, "val_scores": best_val, "chosen": {"best_epoch": best_epoch, "epochs_run": len(history)},
             "val_auc": float(best_auc), "history": history}

@@ -38,7 +38,8 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, query_x: np.ndarray, k:
 
 def run_knn(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], train_idx: np.ndarray,
             task: str, n_classes: int, ks: list[int], temperature: float) -> dict:
-    """Pick k on validation AUC, then score test. Returns test scores and the chosen k."""
+    """Pick k on validation AUC, then score test. Returns the test scores, the validation scores
+    of the chosen k (what temperatures and thresholds are fitted on) and the chosen k."""
     multilabel = task == "multi-label, binary-class"
     tx, ty = feats["train"][train_idx], labels["train"][train_idx]
     best = None
@@ -46,7 +47,8 @@ def run_knn(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], train_i
         val = knn_scores(tx, ty, feats["val"], k, temperature, n_classes, multilabel)
         auc, _ = evaluate(labels["val"], val, task)
         if best is None or (np.isfinite(auc) and not auc <= best[0]):
-            best = (auc, k)
-    k = best[1]
+            best = (auc, k, val)
+    auc, k, val = best
     test = knn_scores(tx, ty, feats["test"], k, temperature, n_classes, multilabel)
-    return {"test_scores": test, "chosen": {"k": int(min(k, len(tx)))}, "val_auc": float(best[0])}
+    return {"test_scores": test, "val_scores": val, "chosen": {"k": int(min(k, len(tx)))},
+            "val_auc": float(auc)}

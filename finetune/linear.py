@@ -41,7 +41,8 @@ def run_linear(*args, **kwargs) -> dict:
 
 def _run_linear(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], train_idx: np.ndarray,
                task: str, n_classes: int, Cs: list[float], max_iter: int, seed: int) -> dict:
-    """Fit one probe per C on the train subset, keep the best validation AUC, score test."""
+    """Fit one probe per C on the train subset, keep the best validation AUC, score test.
+    Returns test scores, the chosen probe's validation scores, C and its validation AUC."""
     multilabel = task == "multi-label, binary-class"
     scaler = StandardScaler().fit(feats["train"][train_idx])
     tx = scaler.transform(feats["train"][train_idx])
@@ -60,9 +61,10 @@ def _run_linear(feats: dict[str, np.ndarray], labels: dict[str, np.ndarray], tra
                 return {"error": "the train subset holds a single class"}
             else:
                 model = clf.fit(tx, ty[:, 0])
-        val_auc, _ = evaluate(labels["val"], _scores(model, vx, n_classes, multilabel), task)
+        val = _scores(model, vx, n_classes, multilabel)
+        val_auc, _ = evaluate(labels["val"], val, task)
         if best is None or (np.isfinite(val_auc) and not val_auc <= best[0]):
-            best = (val_auc, C, model)
-    val_auc, C, model = best
-    return {"test_scores": _scores(model, qx, n_classes, multilabel), "chosen": {"C": C},
-            "val_auc": float(val_auc)}
+            best = (val_auc, C, model, val)
+    val_auc, C, model, val = best
+    return {"test_scores": _scores(model, qx, n_classes, multilabel), "val_scores": val,
+            "chosen": {"C": C}, "val_auc": float(val_auc)}

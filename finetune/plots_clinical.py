@@ -6,12 +6,46 @@ results.json (docs/results_schema.md), so the figures can be redrawn from result
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from finetune.config import FinetuneRunConfig
 from medssl.init import Init
+from medssl.results import Aggregate
+
+
+def clinical_plot_names(task: str, protocol: str) -> dict[str, str]:
+    """File names (under ``plots/``) of a task's figures for one protocol."""
+    return {"reliability": f"{task}-{protocol}-reliability.png", "subgroups": f"{task}-{protocol}-subgroups.png"}
+
+
+def figure_fraction(aggregates: list[Aggregate], task: str, protocol: str, key: str) -> float | None:
+    """The label fraction a task's figure shows for a protocol: the largest with a ``key``
+    entry (``calibration`` or ``subgroups``), None when there is none."""
+    fractions = [a.fraction for a in aggregates
+                 if a.task == task and a.protocol == protocol and getattr(a, key) is not None]
+    return max(fractions) if fractions else None
+
+
+def plot_task_clinical(plots_dir: Path, task: str, cfg: FinetuneRunConfig, aggregates: list[Aggregate]) -> None:
+    """Per protocol, at its largest label fraction: the reliability diagram (one panel per init)
+    and, with subgroups, the forest plot (``clinical_plot_names``)."""
+    order = [str(i) for i in cfg.init_list]
+    for protocol in cfg.protocols:
+        names = clinical_plot_names(task, protocol)
+        for key, plot in (("calibration", plot_reliability), ("subgroups", plot_forest)):
+            fraction = figure_fraction(aggregates, task, protocol, key)
+            if fraction is None:
+                continue
+            group = sorted((a for a in aggregates if a.task == task and a.protocol == protocol
+                            and a.fraction == fraction and getattr(a, key) is not None),
+                           key=lambda a: order.index(a.init) if a.init in order else len(order))
+            entries = {a.init: dataclasses.asdict(getattr(a, key)) for a in group}
+            plot(plots_dir / names["reliability" if key == "calibration" else "subgroups"],
+                 f"{task} {protocol}, label fraction {fraction:g}", entries)
 
 
 def _pyplot():

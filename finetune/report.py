@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from finetune.config import FinetuneRunConfig
+from finetune.report_clinical import clinical_sections
 from medssl.init import reference
 from medssl.results import Aggregate, CellRow, Difference
 
@@ -78,7 +79,8 @@ def _resampling_sentence(info: dict | None) -> str:
 def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], rows: list[CellRow],
                  aggregates: list[Aggregate]) -> None:
     """``report.md``: per task and protocol, AUC and ACC tables (inits side by side, with
-    intervals and differences to the SSL init), then one line per cell on chance level."""
+    intervals and differences to the SSL init), then one line per cell on chance level; then
+    the Calibration, Subgroups and Site shift sections (finetune/report_clinical.py)."""
     inits = cfg.init_list
     ref = reference(inits)
     others = [i for i in inits if i != ref]
@@ -129,11 +131,12 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
                 lines.append(f"- {a.init_label}, fraction {a.fraction:g}: AUC "
                              f"{_fmt(a.auc_mean, a.auc_ci)}, {_chance(a)} ({_basis(a)})")
             lines.append("")
+    lines += clinical_sections(cfg, tasks, aggregates)
     if skipped:
         lines += ["## Skipped cells", ""]
         reasons: dict[tuple, int] = {}
         for r in skipped:
-            k = (r.task, r.init_label, r.protocol, r.reason)
+            k = (r.task, r.init_label, r.protocol + (f" (shift fold {r.fold})" if r.fold else ""), r.reason)
             reasons[k] = reasons.get(k, 0) + 1
         for (task, init, protocol, reason), n in sorted(reasons.items()):
             lines.append(f"- {task} / {init} / {protocol}: {n} cells skipped: {reason}")

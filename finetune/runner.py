@@ -2,9 +2,12 @@
 
 For each task: load it once, draw the label-fraction subsets once (shared by every init and
 protocol, so comparisons are paired), then for each init build the backbone once, cache its
-frozen features, and run the unfinished (seed, protocol, fraction) cells. Finished cells are
-read back from ``cells.jsonl``; results.json, report.md and the plots are rebuilt from all
-cells at the end of every run.
+frozen features, and run the unfinished (seed, protocol, fraction) cells, and with
+``evaluation.shift`` the same cells once per site-shift fold (trained and selected without the
+held-out site; finetune/protocols.py runs one cell). Finished cells are read back from
+``cells.jsonl``; results.json (with calibration, subgroups and shift per aggregate:
+finetune/evaluation.py), report.md and the plots are rebuilt from all cells at the end of
+every run.
 
 Every seed-dependent choice comes from the cell's seed: the label subset, the probe's and the
 fine-tuning's randomness, and the random-init weights themselves. Random weights are thus one
@@ -18,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,16 @@ from tqdm.auto import tqdm
 from finetune.aggregate import aggregate_task, resampling_of
 from finetune.cells import CellSpec, CellStore, cell_key
 from finetune.config import FinetuneRunConfig, TaskConfig
-from finetune.features import cached_features
+from finetune.evaluation import check_evaluation, clinical_aggregates, fold_name, folds_of, needed_attributes
 from finetune.fractions import draw_subset
-from finetune.full import run_finetune
 from finetune.inits import fingerprint, load_init
-from finetune.knn import run_knn
-from finetune.linear import run_linear
 from finetune.metrics import evaluate
 from finetune.plots import plot_task
+from finetune.plots_clinical import plot_task_clinical
 from finetune.preprocess import Preprocessor
+from finetune.protocols import RANDOM_PER_SEED, FrozenFeatures, run_protocol, seed_free
 from finetune.report import write_report
+from finetune.shift import ShiftFold
 from finetune.tasks import SPLITS, TaskData, load_task
 from finetune.tracking import Tracker
 from medssl.config import git_sha, load_config, save_config, to_dict
@@ -64,8 +65,14 @@ def finetune_command(config_path: Path, overrides: list[str]) -> int:
 
 
 def _preflight(cfg: FinetuneRunConfig) -> None:
-    """Fail before any work on what the user can fix: missing data or weights folders."""
+    """Fail before any work on what the user can fix: missing data or weights folders, and
+    subgroup or shift analyses of tasks that record no attributes (MedMNIST)."""
+    needed = needed_attributes(cfg.evaluation)
     for task in cfg.tasks:
+        if task.kind == "medmnist" and needed:
+            raise MedsslError(f"tasks: {task.name}: evaluation needs per-image {', '.join(needed)}, and "
+                              "MedMNIST records no attributes; drop evaluation.subgroups / evaluation.shift "
+                              "or benchmark a shards task that records them")
         if task.kind == "medmnist":
             suffix = "" if task.size == 28 else f"_{task.size}"
             npz = Path(task.root) / f"{task.flag}{suffix}.npz"
@@ -101,13 +108,20 @@ def run_suite(cfg: FinetuneRunConfig) -> Results:
     try:
         for task_cfg in cfg.tasks:
             task = load_task(task_cfg, side=cfg.input_size)
+            # Before any of the task's cells: the attributes the evaluation needs, the folds.
+            check_evaluation(task, cfg.evaluation, task_cfg.path or task_cfg.root)
+            folds = folds_of(task, cfg.evaluation)
             unit = resampling_of(task)
             tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS},
                                      "resampling": {"unit": unit.unit, "n_units": unit.n_units}}
-            task_rows = _run_task(cfg, task_cfg, task, store, tracker, device)
-            scores = {r.key: store.scores(r.key) for r in task_rows if r.status == "ok"}
-            task_aggs = aggregate_task(task, task_rows, scores, cfg)
+            task_rows = _run_task(cfg, task_cfg, task, store, tracker, device, folds)
+            ok = [r for r in task_rows if r.status == "ok"]
+            scores = {r.key: store.scores(r.key) for r in ok}
+            val_scores = {r.key: store.val_scores(r.key) for r in ok}
+            task_aggs = aggregate_task(task, [r for r in task_rows if r.fold is None], scores, cfg)
+            task_aggs = clinical_aggregates(task, task_aggs, task_rows, scores, val_scores, cfg, folds)
             plot_task(out / "plots" / f"{task.name}.png", task.name, cfg, task_aggs)
+            plot_task_clinical(out / "plots", task.name, cfg, task_aggs)
             rows += task_rows
             aggregates += task_aggs
         results = Results(git_sha=git_sha(), config=to_dict(cfg), tasks=tasks_info, rows=rows,
@@ -121,11 +135,21 @@ def run_suite(cfg: FinetuneRunConfig) -> Results:
 
 
 def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, store: CellStore,
-              tracker: Tracker, device: torch.device) -> list[CellRow]:
+              tracker: Tracker, device: torch.device, folds: list[ShiftFold]) -> list[CellRow]:
     train = task.splits["train"]
     labels = {s: task.splits[s].labels for s in SPLITS}
     subsets = {(f, s): draw_subset(train.labels, f, s, train.patients, task.multilabel)
                for f in cfg.label_fractions for s in cfg.seeds}
+    # A fold draws its label fraction from the other sites' train images only.
+    fold_of = {fold_name(f): f for f in folds}
+    for name, fold in fold_of.items():
+        pats = None if train.patients is None else train.patients[fold.train]
+        for f in cfg.evaluation.shift_fractions(cfg.label_fractions):
+            for s in cfg.seeds:
+                subsets[(f, s, name)] = fold.train[draw_subset(train.labels[fold.train], f, s, pats,
+                                                               task.multilabel)]
+    shift_protocols = cfg.evaluation.shift_protocols(cfg.protocols)
+    shift_fractions = cfg.evaluation.shift_fractions(cfg.label_fractions)
     common = {"task": task.fingerprint, "arch": cfg.model.arch, "in_chans": cfg.model.in_chans,
               "input_size": cfg.input_size, "interpolation": cfg.interpolation}
     protocol_cfg = {"knn": to_dict(cfg.knn), "linear": to_dict(cfg.linear), "finetune": to_dict(cfg.finetune)}
@@ -137,10 +161,13 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
         for seed in cfg.seeds:
             for protocol in cfg.protocols:
                 for fraction in cfg.label_fractions:
-                    key = cell_key(**common, init=_cell_init(fp, init, protocol, cfg.seed),
-                                   protocol=protocol, settings=protocol_cfg[protocol],
-                                   fraction=fraction, seed=seed)
-                    cells.append(CellSpec(protocol, fraction, seed, key))
+                    parts = dict(**common, init=_cell_init(fp, init, protocol, cfg.seed), protocol=protocol,
+                                 settings=protocol_cfg[protocol], fraction=fraction, seed=seed)
+                    cells.append(CellSpec(protocol, fraction, seed, cell_key(**parts)))
+                    if protocol in shift_protocols and fraction in shift_fractions:
+                        # In-distribution keys stay as they were; a fold adds its own part.
+                        cells += [CellSpec(protocol, fraction, seed, cell_key(**parts, shift=name), fold=name)
+                                  for name in fold_of]
         todo = [c for c in cells if c.key not in store]
         # A reused cell takes this run's names: a renamed task or a moved ssl dir with the same
         # SHA256SUMS is the same cell.
@@ -158,50 +185,41 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
             if not isinstance(exc, WeightsUnavailable):
                 raise
             log.warning("%s: skipping %s: %s", task.name, init, exc)
-            rows += [_row(task, init, c, len(subsets[(c.fraction, c.seed)]), status="skipped", reason=str(exc))
+            rows += [_row(task, init, c, len(_subset(subsets, c)), status="skipped", reason=str(exc))
                      for c in todo]
             continue
         prep = Preprocessor(source, cfg.input_size, cfg.interpolation)
-        loaded: tuple[str, dict[str, np.ndarray]] | None = None  # one feature set in memory at a time
+        features = FrozenFeatures(cfg, task, init, fp, common, source.make, prep, device)
+        seedless: dict[tuple, dict] = {}   # results that cannot depend on the seed, computed once
         for cell in tqdm(todo, desc=f"{task.name}/{init.label}", leave=False):
-            protocol, seed = cell.protocol, cell.seed
-            idx = subsets[(cell.fraction, seed)]
+            idx = _subset(subsets, cell)
+            fold = fold_of.get(cell.fold)
             t0 = time.perf_counter()
-            if protocol in ("knn", "linear"):
-                random = init.kind == "random"
-                weights_seed = seed if random else cfg.seed
-                feat_key = (cell_key(**common, init=RANDOM_PER_SEED, seed=seed) if random
-                            else cell_key(**common, init=fp))
-                if loaded is None or loaded[0] != feat_key:
-                    path = Path(cfg.output_dir) / "features" / f"{task.name}-{feat_key}.npz"
-                    loaded = (feat_key, cached_features(path, partial(_seeded, source.make, weights_seed),
-                                                        task, prep, device, cfg.feature_batch_size))
-                feats = loaded[1]
-            if protocol == "knn":
-                result = run_knn(feats, labels, idx, task.task, task.n_classes, cfg.knn.k, cfg.knn.temperature)
-            elif protocol == "linear":
-                result = run_linear(feats, labels, idx, task.task, task.n_classes, cfg.linear.Cs,
-                                    cfg.linear.max_iter, seed)
-            else:
-                result = run_finetune(source.make, task, idx, prep, cfg.finetune, device, seed,
-                                      cfg.feature_batch_size)
+            memo = (cell.protocol, cell.fraction, cell.fold) if seed_free(init, cell.protocol, cell.fraction) else None
+            result = seedless.get(memo) if memo else None
+            if result is None:
+                result = run_protocol(cell.protocol, cfg, task, idx, None if fold is None else fold.val,
+                                      cell.seed, features, source.make, prep, device)
+                if memo:
+                    seedless[memo] = result
             if "error" in result:
                 rows.append(_row(task, init, cell, len(idx), status="skipped", reason=result["error"]))
                 continue
-            auc, acc = evaluate(labels["test"], result["test_scores"], task.task)
+            # A fold cell's own figures are those of the held-out test images.
+            scored = slice(None) if fold is None else fold.test_out
+            auc, acc = evaluate(labels["test"][scored], result["test_scores"][scored], task.task)
             row = _row(task, init, cell, len(idx), status="ok", auc=auc, acc=acc,
                        val_auc=result["val_auc"], chosen=result["chosen"],
                        seconds=round(time.perf_counter() - t0, 3))
-            store.add(row, result["test_scores"])
+            store.add(row, result["test_scores"], result["val_scores"])
             tracker.log_row(row)
             rows.append(row)
     return rows
 
 
-#: Cell and feature-cache identity of random weights drawn from each cell's own seed. Cells of
-#: the earlier meaning (``random:seed<run seed>``: one random network shared by every seed) get
-#: other keys, so they are never reused as if they carried seed variation.
-RANDOM_PER_SEED = "random:weights-from-cell-seed"
+def _subset(subsets: dict[tuple, np.ndarray], cell: CellSpec) -> np.ndarray:
+    """The train indices of a cell: its (fraction, seed) subset, or its fold's."""
+    return subsets[(cell.fraction, cell.seed) if cell.fold is None else (cell.fraction, cell.seed, cell.fold)]
 
 
 def _cell_init(fp: str, init: Init, protocol: str, run_seed: int) -> str:
@@ -213,13 +231,8 @@ def _cell_init(fp: str, init: Init, protocol: str, run_seed: int) -> str:
     return f"random:seed{run_seed}" if protocol == "finetune" else RANDOM_PER_SEED
 
 
-def _seeded(make: Callable[[], torch.nn.Module], seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return make()
-
-
 def _row(task: TaskData, init: Init, cell: CellSpec, n_train: int, status: str, reason: str = "",
          **metrics: object) -> CellRow:
     return CellRow(task=task.name, init=str(init), init_label=init.label, protocol=cell.protocol,
                    fraction=cell.fraction, seed=cell.seed, n_train=int(n_train), status=status,
-                   key=cell.key, reason=reason, **metrics)
+                   key=cell.key, reason=reason, fold=cell.fold, **metrics)

@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from finetune.config import TaskConfig
+from finetune.evaluation_config import ATTRIBUTES
+from finetune.subgroups import attribute_values
 from medssl.errors import MedsslError
+from medssl.sample import ShardSample
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,26 @@ class Split:
     patients: np.ndarray | None = None
     intensity: list[tuple[float, float]] | None = None   # (offset, slope) per sample
     windows: list[tuple[float, float] | None] | None = None
+    #: Per-sample categorical attributes (``evaluation_config.ATTRIBUTES``: sex, age band, site,
+    #: view): name -> ``[N]`` object array of str, None where a sample does not record it. Only
+    #: names some sample records are present; MedMNIST has none.
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> Split:
+        """The samples at ``idx`` (``[M]`` int) as a split of their own, every field alike."""
+        idx = np.asarray(idx, dtype=np.int64)
+
+        def pick(v):
+            return None if v is None else [v[i] for i in idx]
+
+        images = self.images[idx] if isinstance(self.images, np.ndarray) else pick(self.images)
+        return Split(images=images, labels=self.labels[idx],
+                     patients=None if self.patients is None else self.patients[idx],
+                     intensity=pick(self.intensity), windows=pick(self.windows),
+                     attributes={k: v[idx] for k, v in self.attributes.items()})
 
 
 @dataclass
@@ -134,7 +154,7 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
     splits: dict[str, Split] = {}
     channels = None
     for split in SPLITS:
-        images, labels, patients, intensity, windows = [], [], [], [], []
+        images, labels, patients, intensity, windows, attrs = [], [], [], [], [], []
         for sample in _iter_split(root, split):
             if sample.label is None:
                 raise MedsslError(f"tasks: {cfg.name}: a {split} sample in {root} has no label")
@@ -143,6 +163,7 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
             patients.append(str(sample.patient or ""))
             intensity.append((sample.offset, sample.slope))
             windows.append(sample.window)
+            attrs.append(_attributes(sample))
             channels = channels or sample.channels
         if not images:
             raise MedsslError(f"tasks: {cfg.name}: {root} has no {split} samples; re-shard with a {split} split")
@@ -150,7 +171,8 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
         pat = np.asarray(patients) if all(patients) else None
         splits[split] = Split(images=images, labels=lab_arr, patients=pat,
                               intensity=intensity if channels == 1 else None,
-                              windows=windows if channels == 1 else None)
+                              windows=windows if channels == 1 else None,
+                              attributes=_attribute_arrays(attrs))
     if kind == "multiclass":
         seen = int(max(s.labels.max() for s in splits.values())) + 1
         n_classes = max(n_classes, seen)
@@ -163,6 +185,23 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
         fingerprint={"kind": "shards",
                      "shards": sorted((k, v.get("sha256")) for k, v in index.get("shards", {}).items())},
     )
+
+
+def _attributes(sample: ShardSample) -> dict[str, str]:
+    """The evaluation attributes one ``ShardSample`` records. The view is a top-level field
+    of the sample contract; an ``attributes["view"]`` would take precedence. Names outside
+    ``ATTRIBUTES`` are not read: nothing but these categorical, de-identified values can reach a
+    result."""
+    found = {k: v for k, v in sample.attributes.items() if k in ATTRIBUTES}
+    if "view" not in found and sample.view:
+        found["view"] = sample.view
+    return found
+
+
+def _attribute_arrays(per_sample: list[dict[str, str]]) -> dict[str, np.ndarray]:
+    """name -> ``[N]`` object array (str, None where missing), for the names any sample has."""
+    names = sorted({k for a in per_sample for k in a})
+    return {k: attribute_values([a.get(k) for a in per_sample]) for k in names}
 
 
 def _read_index(root: Path) -> dict:

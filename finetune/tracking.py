@@ -34,6 +34,8 @@ class Tracker:
         if self.run is None:
             return
         prefix = f"{row.task}/{row.protocol}/{row.init_label}/frac{row.fraction:g}"
+        if row.fold:  # a site-shift cell: its auc/acc are on the held-out site
+            prefix += f"/shift-{row.fold}"
         self.run.log({f"{prefix}/auc": row.auc, f"{prefix}/acc": row.acc, "cell_seed": row.seed})
 
     def finish(self, rows: list[CellRow], aggregates: list[Aggregate]) -> None:
@@ -41,7 +43,8 @@ class Tracker:
             return
         import wandb
 
-        cols = ["task", "init_label", "protocol", "fraction", "seed", "status", "auc", "acc", "n_train", "reason"]
+        cols = ["task", "init_label", "protocol", "fraction", "seed", "fold", "status", "auc", "acc", "n_train",
+                "reason"]
         self.run.log({"results": wandb.Table(columns=cols, data=[[getattr(r, c) for c in cols] for r in rows])})
         acols = ["task", "init_label", "protocol", "fraction", "auc_mean", "acc_mean", "n_seeds",
                  "n_effective_seeds", "resampling", "n_units"]

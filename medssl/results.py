@@ -40,6 +40,10 @@ class CellRow:
     val_auc: float | None = None
     chosen: dict[str, Any] = field(default_factory=dict)  # hyper-parameters chosen on val
     seconds: float | None = None
+    #: A site-shift cell: ``"{attribute}={held-out value}"`` (e.g. ``site=H2``), trained and
+    #: selected without that value's images; its auc/acc are on the held-out test images.
+    #: None: an in-distribution cell (older files have none).
+    fold: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -60,6 +64,56 @@ class Difference:
 
 
 @dataclass
+class Calibration:
+    """``Aggregate.calibration``: ECE before/after temperature scaling (docs/results_schema.md).
+
+    Intervals are ``{"mean", "ci"}`` dicts; ``ece[binning][stage]`` with binning ``width`` |
+    ``mass`` and stage ``before`` | ``after`` also holds ``floor`` and ``verdict``."""
+
+    kind: str                        # top-label | per-label (multi-label)
+    n_bins: int
+    ece: dict[str, dict[str, dict[str, Any]]]
+    temperature: dict[str, Any]      # fitted_on, scope, per_seed: {seed: {values, fitted}}
+    reliability: dict[str, Any]      # stage -> binning -> per-bin lists (effective seeds pooled)
+    n_seeds: int
+    n_effective_seeds: int
+    resampling: str
+    n_units: int
+    per_label: dict[str, Any] | None = None     # multi-label only: binning -> stage -> [L]
+    diff_vs_ssl: dict[str, Any] | None = None   # non-reference inits: reference ECE - this
+
+    def ece_of(self, binning: str = "width", stage: str = "after") -> tuple[float | None, list[float | None]]:
+        """``(mean, [lo, hi])`` of one ECE (e.g. equal-width bins after temperature scaling)."""
+        e = self.ece[binning][stage]
+        return e["mean"], list(e["ci"])
+
+
+@dataclass
+class Subgroups:
+    """``Aggregate.subgroups``: per-subgroup metrics, worst group and largest gap per attribute
+    (docs/results_schema.md). A group that is not estimable has a ``reason``, never a number."""
+
+    threshold: dict[str, Any]        # per_seed: {seed: {rule, values, chosen}} (chosen on val)
+    min_count: int
+    min_per_class: int
+    resampling: str
+    n_units: int
+    n_seeds: int
+    n_effective_seeds: int | None
+    attributes: dict[str, dict[str, Any]]   # name -> {n_missing, groups, worst, gap, gap_vs_ssl?}
+
+
+@dataclass
+class Shift:
+    """``Aggregate.shift``: the drop in AUC when a site is held out, per fold
+    (docs/results_schema.md)."""
+
+    attribute: str | None
+    folds: dict[str, dict[str, Any]]    # held-out value -> {auc_in, auc_out, drop, drop_vs, verdict, ...}
+    verdict: str                        # over all folds, the same words in every init's entry
+
+
+@dataclass
 class Aggregate:
     """One task x init x protocol x fraction over its seeds, with bootstrap intervals."""
 
@@ -77,6 +131,9 @@ class Aggregate:
     resampling: str = "images"             # the bootstrap unit: patients | images
     n_units: int | None = None             # test units resampled
     diff_vs_ssl: Difference | None = None
+    calibration: Calibration | None = None   # None in older files, or with no validation scores
+    subgroups: Subgroups | None = None       # with evaluation.subgroups
+    shift: Shift | None = None               # with evaluation.shift, for the protocols it covers
 
     @property
     def effective_seeds(self) -> int:

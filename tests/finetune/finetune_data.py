@@ -65,10 +65,28 @@ def write_medmnist_npz(root: Path, flag: str = "breastmnist", signal: bool = Tru
     return path
 
 
+def planted_attributes(p: int, n_sites: int = 2) -> tuple[dict[str, str], str]:
+    """``(attributes, view)`` of patient ``p``: site ``H{(p // 10) % n_sites + 1}``, sex ``F`` for
+    ``(p // 20)`` even else ``M``, age band ``40-59`` / ``60-79`` by ``(p // 40)``, and view ``LAT``
+    for ``p % 20 == 4`` (binary labels ``p % 2``: LAT patients are all class 0, and all in test),
+    else ``PA``. With the patient split of ``write_labeled_shards`` (``p % 5``) every site, sex and
+    age band holds both binary classes in every split."""
+    attributes = {"site": f"H{(p // 10) % n_sites + 1}", "sex": "F" if (p // 20) % 2 == 0 else "M",
+                  "age": "40-59" if (p // 40) % 2 == 0 else "60-79"}
+    return attributes, "LAT" if p % 20 == 4 else "PA"
+
+
 def write_labeled_shards(out: Path, kind: str = "multiclass", n_classes: int = 3, signal: bool = True,
-                         patients: int = 30, per_patient: int = 4, size: int = 32, seed: int = 0) -> Path:
+                         patients: int = 30, per_patient: int = 4, size: int = 32, seed: int = 0,
+                         attributes: bool = False, n_sites: int = 2, signal_sites: set[str] | None = None,
+                         amplitude: float = 30.0) -> Path:
     """A shard folder (``{split}-000000.tar`` + index.json) of 16-bit CT-like slices in HU,
-    split by patient 60/20/20, labelled per patient."""
+    split by patient 60/20/20, labelled per patient.
+
+    ``attributes``: each sample's json records ``planted_attributes`` (``attributes`` dict with
+    sex, age band, site; ``view`` as the contract's top-level field). ``signal_sites``: only
+    patients at these sites carry the label signal; the others' images are noise, so their
+    labels cannot be predicted."""
     import webdataset as wds
 
     from medssl.io import sha256_file
@@ -89,7 +107,9 @@ def write_labeled_shards(out: Path, kind: str = "multiclass", n_classes: int = 3
         else:
             label = p % (2 if kind == "binary" else n_classes)
             label_arr = np.array([[label]])
-        imgs = synthetic_images(np.repeat(label_arr, per_patient, axis=0), size, rng, signal)
+        attrs, view = planted_attributes(p, n_sites)
+        carries = signal and (signal_sites is None or attrs["site"] in signal_sites)
+        imgs = synthetic_images(np.repeat(label_arr, per_patient, axis=0), size, rng, carries, amplitude)
         for k, img in enumerate(imgs):
             hu = img.astype(np.int32) * 4 - 400  # 0..255 -> -400..620 HU
             stored, offset, slope = encode_intensity(hu)
@@ -97,6 +117,8 @@ def write_labeled_shards(out: Path, kind: str = "multiclass", n_classes: int = 3
                     "intensity": {"offset": offset, "slope": slope, "unit": "HU"},
                     "window": {"center": 110.0, "width": 1020.0},
                     "label": label.tolist() if kind == "multilabel" else int(label)}
+            if attributes:
+                meta.update(attributes=attrs, view=view)
             split = split_of[p]
             sample = {"__key__": f"p{p:03d}-{k:04d}", "img.png": encode_png(stored),
                       "json": json.dumps(meta).encode()}
