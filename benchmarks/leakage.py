@@ -45,6 +45,7 @@ from medssl.data.sample import encode_intensity, encode_png
 from medssl.data.shards import FORMAT, file_sha256
 from medssl.data.synth import draw_patient
 from medssl.leakage.phash import hamming, phash, unit_view
+from medssl.sample import ShardSample
 from medssl.leakage.scan import compare, find_pairs, hash_folder
 
 WINDOW = (40.0, 400.0)
@@ -235,12 +236,11 @@ def main() -> None:
         rng = np.random.default_rng(3)
         keys = rng.choice(sorted(built["task_hu"]), size=100, replace=False)
         row = {k: i for i, k in enumerate(task.keys)}
-        meta = {"intensity": {"offset": 0.0, "slope": 1.0},
-                "window": {"center": WINDOW[0], "width": WINDOW[1]}}
         alone = {}
         for which in TRANSFORMS:
-            d = [int(hamming(phash(unit_view(transform(built["task_hu"][k][0], rng, (which,),
-                                                           full=True)[None], meta)),
+            d = [int(hamming(phash(unit_view(ShardSample(
+                     "copy", transform(built["task_hu"][k][0], rng, (which,), full=True)[None],
+                     window=WINDOW))),
                              task.hashes[row[k]])) for k in keys]
             alone[which] = {"median_bits": float(np.median(d)), "max_bits": int(np.max(d)),
                             "recall_at_chosen": None if chosen is None

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from finetune.evaluation_config import EvaluationConfig
 from medssl.errors import ConfigError
 from medssl.init import Init
 
@@ -164,6 +165,7 @@ class FinetuneRunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     @property
     def init_list(self) -> list[Init]:

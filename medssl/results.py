@@ -40,6 +40,10 @@ class CellRow:
     val_auc: float | None = None
     chosen: dict[str, Any] = field(default_factory=dict)  # hyper-parameters chosen on val
     seconds: float | None = None
+    #: Why this row is not a held-out estimate (finetune/leakage_guard.py): set when the leakage
+    #: guard found the task's test or val data in the init's pretraining and
+    #: ``evaluation.allow_leakage`` let the benchmark go on; empty when it found none.
+    leakage: str = ""
 
     @property
     def ok(self) -> bool:

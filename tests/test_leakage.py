@@ -11,11 +11,13 @@ from PIL import Image
 from scipy import ndimage
 
 from medssl.data.sample import encode_intensity, encode_png
-from medssl.data.shards import FORMAT, file_sha256
+from medssl.data.layout import FORMAT
+from medssl.io import sha256_file as file_sha256
 from medssl.errors import MedsslError
 from medssl.leakage import DEFAULT_RADIUS, find_leaks, from_dict, to_dict, write_report
 from medssl.leakage.index import HammingIndex
 from medssl.leakage.phash import hamming, phash, unit_view
+from medssl.sample import ShardSample
 
 WINDOW = {"center": 40.0, "width": 400.0}
 
@@ -62,13 +64,11 @@ def _folder(path, samples_by_split: dict[str, list[dict]]):
     return path
 
 
-def _meta(window=WINDOW, offset=0.0, slope=1.0):
-    return {"window": window, "intensity": {"offset": offset, "slope": slope}}
-
-
 def _hash(hu: np.ndarray, window=WINDOW) -> np.ndarray:
     stored, offset, slope = encode_intensity(np.rint(hu).astype(np.int32))
-    return phash(unit_view(stored[None], _meta(window, offset, slope)))
+    sample = ShardSample("k", stored[None], offset=offset, slope=slope,
+                         window=(window["center"], window["width"]))
+    return phash(unit_view(sample))
 
 
 def test_copies_are_close_and_unrelated_images_far():

@@ -15,7 +15,7 @@ Why by hand and not ``imagehash``: ``imagehash.phash`` converts its PIL input to
 (8 bits) before the DCT, the 8-bit clip this must avoid (a 16-bit CT slice squeezed into 256
 levels over its stored range keeps almost nothing of the soft tissue a reader sees), and it
 has no pose normalisation. Here stored uint16 values go back to modality units
-(``sample.to_modality_units``), through the sample's window to float ``[0, 1]``, and every
+(``ShardSample.modality_units``), through the sample's window to float ``[0, 1]``, and every
 later step stays in float. Bits are packed big-endian per byte (``np.packbits``): the layout
 faiss' binary indexes take.
 """
@@ -27,7 +27,7 @@ from PIL import Image
 from scipy.fft import dctn
 from scipy.ndimage import map_coordinates
 
-from medssl.data.sample import to_modality_units
+from medssl.sample import ShardSample
 
 #: Default hash length: 16 x 16 DCT coefficients. 64 bits (8 x 8) cannot tell the synthetic
 #: chests apart (unrelated pairs 4 bits apart at the 1st percentile, benchmarks/leakage.py).
@@ -42,25 +42,19 @@ _WORK_SIDE = 128
 BLANK_STD = 1e-3
 
 
-def unit_view(image: np.ndarray, meta: dict) -> np.ndarray:
-    """A shard image as float32 ``[H, W]`` in ``[0, 1]``: what a reader of the sample sees.
+def unit_view(sample: ShardSample) -> np.ndarray:
+    """A shard sample's image as float32 ``[H, W]`` in ``[0, 1]``: what a reader of it sees.
 
-    ``image`` is ``[C, H, W]`` or ``[H, W]`` as ``sample.decode_image`` returns it. Grayscale
-    uint16: stored -> modality units (the sample's ``intensity``) -> the sample's ``window``
-    (min-max when it has none). RGB uint8: the channel mean / 255.
+    Grayscale uint16: stored -> modality units (``ShardSample.modality_units``, the sample's
+    intensity encoding) -> the sample's window (min-max when it has none). RGB uint8: the
+    channel mean / 255.
     """
-    arr = np.asarray(image)
-    if arr.ndim == 3:
-        if arr.shape[0] == 3:
-            return arr.astype(np.float32).mean(axis=0) / 255.0
-        arr = arr[0]
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    values = to_modality_units(arr, meta)
-    window = meta.get("window")
-    if window:
-        lo = float(window["center"]) - float(window["width"]) / 2.0
-        hi = lo + float(window["width"])
+    if sample.image.dtype == np.uint8:
+        return sample.image.astype(np.float32).mean(axis=0) / 255.0
+    values = sample.modality_units()[0]
+    if sample.window is not None:
+        center, width = sample.window
+        lo, hi = float(center) - float(width) / 2.0, float(center) + float(width) / 2.0
     else:
         lo, hi = float(values.min()), float(values.max())
     return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0).astype(np.float32)
