@@ -294,6 +294,11 @@ def report_lines(info: dict[str, Any]) -> list[str]:
         v = m["verdict"]
         lines.append(f"- **{m['init_label']}**: [grid]({m['grid']}): **{v['words']}**.")
         lines += [f"  - {t}." for t in v["tests"]]
+        flat = (m.get("model_randomisation", {}).get("final") or {}).get("flat")
+        if flat:
+            lines.append(f"  - {flat} of {m['n_images']} images have a flat map (no positive "
+                         "evidence at the hooked layer) before or after re-initialisation; a flat "
+                         "map has no ranking and counts as Spearman 0.")
         if m.get("data_randomisation", {}).get("status"):
             lines.append(f"  - Data randomisation {m['data_randomisation']['status']}.")
         loc = m.get("localisation")

@@ -223,7 +223,7 @@ def preflight(cfg: FinetuneRunConfig) -> SuiteGuard:
             else:
                 if held_out is None:
                     held_out = shard_patients(task.path, HELD_OUT)
-                patient_level = _patients(salted, hashes[init], given, held_out, salt,
+                patient_level = _patients(salted, hashes[init], folders, held_out, salt,
                                           pretraining_patients)
             finding = Finding(task.name, init, split_level, patient_level)
             finding.pretraining_folders = [
