@@ -167,6 +167,7 @@ class FinetuneRunConfig:
     #: Calibration (always), subgroups and site shift of every cell (finetune/evaluation_config.py).
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     @property
     def init_list(self) -> list[Init]:

@@ -22,8 +22,10 @@ retrain a network per fold, and is therefore run only when ``shift.protocols`` n
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+from finetune.explain_config import ExplainConfig
 from medssl.errors import ConfigError
 
 #: Attributes a subgroup or shift analysis can use: the ones de-identified shards may record
@@ -80,6 +82,21 @@ class EvaluationConfig:
     #: Site shift: {attribute: site, holdout: [NAME]} or {attribute: site, leave_one_out: true},
     #: optional protocols (default: the run's knn, linear) and fractions (default: all); null = no shift.
     shift: ShiftConfig | None = None
+    #: Class-activation maps with sanity checks per task and init, linked from report.md:
+    #: {n_per_class, protocol: linear|finetune, method: gradcam|rollout, targets, masks, ...}.
+    explain: ExplainConfig | None = None
+    #: Go on when an ssl init's pretraining read the task's test or val split, or saw its test
+    #: or val patients; every row and the card then say so (finetune/leakage_guard.py).
+    allow_leakage: bool = False
+    #: Also look for near-duplicate images between each ssl init's pretraining shards and the
+    #: task's test and val splits (`medssl leakage`), recorded per task in results.json.
+    leakage_check: bool = False
+    #: Pretraining shard folders for the image check (and the patient check of weights that
+    #: carry no patient hashes); matched to ssl inits by index.json digest. A task folder that
+    #: pretraining read needs no entry.
+    pretraining_shards: list[str] = field(default_factory=list)
+    #: Hamming radius (of 256 bits) of the image check; null = the measured default (42).
+    leakage_radius: int | None = None
 
     def __post_init__(self) -> None:
         bad = [a for a in self.subgroups if a not in ATTRIBUTES]
@@ -96,6 +113,9 @@ class EvaluationConfig:
         if self.min_subgroup_per_class * 2 > self.min_subgroup_count:
             raise ConfigError("evaluation.min_subgroup_count must be at least twice "
                               "min_subgroup_per_class (a group needs units with and without each class)")
+        self.pretraining_shards = [os.path.expanduser(p) for p in self.pretraining_shards]
+        if self.leakage_radius is not None and not 0 <= self.leakage_radius < 256:
+            raise ConfigError(f"evaluation.leakage_radius must lie in [0, 256), got {self.leakage_radius}")
         if not 2 <= self.calibration_bins <= 100:
             raise ConfigError(f"evaluation.calibration_bins must be between 2 and 100 (15 is usual), "
                               f"got {self.calibration_bins}")

@@ -47,9 +47,13 @@ def predict(model: nn.Module, split: Split, prep: Callable, device: torch.device
 
 def run_finetune(make_backbone: Callable[[], nn.Module], task: TaskData, train_idx: np.ndarray,
                  prep: Callable, cfg: FinetuneConfig, device: torch.device, seed: int,
-                 eval_batch_size: int) -> dict:
+                 eval_batch_size: int, keep_best: bool = False) -> dict:
     """Train on ``train_idx`` of the train split; returns the best epoch's test and validation
-    scores, and the history."""
+    scores, and the history.
+
+    ``keep_best``: also return the best epoch's weights (``best_state``, a CPU state dict of
+    the ``Classifier``), for explanations of exactly the model that was scored.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     multilabel = task.multilabel
@@ -89,9 +93,14 @@ def run_finetune(make_backbone: Callable[[], nn.Module], task: TaskData, train_i
             # Scoring test at each improvement equals restoring the best weights at the end,
             # without keeping a second copy of the model.
             best_test = predict(model, task.splits["test"], prep, device, eval_batch_size, multilabel)
+            if keep_best:
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             stale += 1
             if stale >= cfg.patience:
                 break
-    return {"test_scores": best_test, "val_scores": best_val, "chosen": {"best_epoch": best_epoch, "epochs_run": len(history)},
-            "val_auc": float(best_auc), "history": history}
+    out = {"test_scores": best_test, "val_scores": best_val, "chosen": {"best_epoch": best_epoch, "epochs_run": len(history)},
+           "val_auc": float(best_auc), "history": history}
+    if keep_best:
+        out["best_state"] = best_state
+    return out

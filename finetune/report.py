@@ -15,6 +15,8 @@ from pathlib import Path
 
 from finetune.config import FinetuneRunConfig
 from finetune.report_clinical import clinical_sections
+from finetune.explanations import report_lines as explanation_lines
+from finetune.leakage_guard import report_lines as leakage_lines
 from medssl.init import reference
 from medssl.results import Aggregate, CellRow, Difference
 
@@ -103,6 +105,7 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
         lines += [f"## {name}", "", (f"Task type: {info['task']}; images train/val/test: "
                   f"{info['n']['train']}/{info['n']['val']}/{info['n']['test']}. "
                   f"{_resampling_sentence(info.get('resampling'))}").rstrip(), ""]
+        lines += leakage_lines(info)
         for protocol in cfg.protocols:
             group = [a for a in aggregates if a.task == name and a.protocol == protocol]
             if not group:
@@ -131,6 +134,7 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
                 lines.append(f"- {a.init_label}, fraction {a.fraction:g}: AUC "
                              f"{_fmt(a.auc_mean, a.auc_ci)}, {_chance(a)} ({_basis(a)})")
             lines.append("")
+        lines += explanation_lines(info)
     lines += clinical_sections(cfg, tasks, aggregates)
     if skipped:
         lines += ["## Skipped cells", ""]

@@ -31,8 +31,12 @@ from finetune.aggregate import aggregate_task, resampling_of
 from finetune.cells import CellSpec, CellStore, cell_key
 from finetune.config import FinetuneRunConfig, TaskConfig
 from finetune.evaluation import check_evaluation, clinical_aggregates, fold_name, folds_of, needed_attributes
+from finetune.explanations import check_config as check_explain
+from finetune.explanations import explain_task
 from finetune.fractions import draw_subset
 from finetune.inits import fingerprint, load_init
+from finetune.leakage_guard import SuiteGuard
+from finetune.leakage_guard import preflight as leakage_preflight
 from finetune.metrics import evaluate
 from finetune.plots import plot_task
 from finetune.plots_clinical import plot_task_clinical
@@ -53,20 +57,21 @@ log = logging.getLogger(__name__)
 def finetune_command(config_path: Path, overrides: list[str]) -> int:
     """Validate the config, run every unfinished cell, write results; returns the exit code."""
     cfg = load_config(FinetuneRunConfig, config_path, overrides)
-    _preflight(cfg)
+    guard = _preflight(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    results = run_suite(cfg)
+    results = run_suite(cfg, guard)
     n_ok = sum(r.status == "ok" for r in results.rows)
     n_skip = len(results.rows) - n_ok
     print(f"finetune: {n_ok} cells ok, {n_skip} skipped; report: {out / 'report.md'}")
     return 0
 
 
-def _preflight(cfg: FinetuneRunConfig) -> None:
-    """Fail before any work on what the user can fix: missing data or weights folders, and
-    subgroup or shift analyses of tasks that record no attributes (MedMNIST)."""
+def _preflight(cfg: FinetuneRunConfig) -> SuiteGuard:
+    """Fail before any work on what the user can fix: missing data or weights folders,
+    subgroup or shift analyses of tasks that record no attributes (MedMNIST), and held-out data
+    an ssl init was pretrained on (finetune/leakage_guard.py)."""
     needed = needed_attributes(cfg.evaluation)
     for task in cfg.tasks:
         if task.kind == "medmnist" and needed:
@@ -88,6 +93,8 @@ def _preflight(cfg: FinetuneRunConfig) -> None:
         fingerprint(init, cfg.imagenet_weights)  # raises for a missing published dir
     if cfg.imagenet_weights and not Path(cfg.imagenet_weights).is_file():
         raise MedsslError(f"imagenet_weights: {cfg.imagenet_weights} not found")
+    check_explain(cfg)
+    return leakage_preflight(cfg)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -96,8 +103,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_suite(cfg: FinetuneRunConfig) -> Results:
+def run_suite(cfg: FinetuneRunConfig, guard: SuiteGuard | None = None) -> Results:
     """Run the grid; write results.json, report.md and plots; return the results record."""
+    guard = guard if guard is not None else leakage_preflight(cfg)
     out = Path(cfg.output_dir)
     device = resolve_device(cfg.device)
     store = CellStore(out)
@@ -114,7 +122,11 @@ def run_suite(cfg: FinetuneRunConfig) -> Results:
             unit = resampling_of(task)
             tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS},
                                      "resampling": {"unit": unit.unit, "n_units": unit.n_units}}
-            task_rows = _run_task(cfg, task_cfg, task, store, tracker, device, folds)
+            task_rows = guard.mark(task.name, _run_task(cfg, task_cfg, task, store, tracker, device, folds))
+            tasks_info[task.name]["leakage"] = guard.task_record(task_cfg, out)
+            if cfg.evaluation.explain is not None:
+                tasks_info[task.name]["explanations"] = explain_task(
+                    cfg, cfg.evaluation.explain, task_cfg, task, task_rows, store, device, out)
             ok = [r for r in task_rows if r.status == "ok"]
             scores = {r.key: store.scores(r.key) for r in ok}
             val_scores = {r.key: store.val_scores(r.key) for r in ok}

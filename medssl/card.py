@@ -46,6 +46,8 @@ class CardInfo:
     results: Results | None = None
     repo_id: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
+    #: index sha256 -> patients hashed into pretraining_patients.json (medssl/leakage/patients.py)
+    hashed_patients: dict[str, int] = field(default_factory=dict)
 
 
 def build_card(info: CardInfo) -> ModelCard:
@@ -95,12 +97,27 @@ def _read_by_pretraining(info: CardInfo) -> str:
     anyone benchmarking these weights later can check their test data against it."""
     if not info.sources:
         return ""
-    lines = ["Pretraining read (from the run record; digests identify the shard folders without "
-             "naming them):\n", "| split | index.json sha256 | salt id | shards | samples |",
-             "|---|---|---|---:|---:|"]
+    lines = [("Pretraining read (from the run record; digests identify the shard folders without "
+              "naming them):\n"),
+             "| split | index.json sha256 | salt id | shards | samples | patients hashed |",
+             "|---|---|---|---:|---:|---:|"]
     for s in info.sources:
+        hashed = info.hashed_patients.get(s.index_sha256 or "")
         lines.append(f"| {_code(s.split or '?')} | `{_digest(s.index_sha256)}` | "
-                     f"`{_code(s.salt_id or '?')}` | {_num(s.shards)} | {_num(s.samples)} |")
+                     f"`{_code(s.salt_id or '?')}` | {_num(s.shards)} | {_num(s.samples)} | "
+                     f"{_num(hashed)} |")
+    lines.append("")
+    lines.append(
+        "Leakage checks for whoever benchmarks these weights: `medssl finetune` refuses a task "
+        "built from a shard folder with one of these digests when pretraining read its test or "
+        "val split; for shards of the same salt id it counts the task's test and val patients "
+        "seen in pretraining"
+        + (" against `pretraining_patients.json`: keyed hashes (HMAC-SHA256 under the nonce in "
+           "that file) of the pretraining patients' pseudonyms, which reveal nothing to anyone "
+           "who does not already hold shards of that salt." if info.hashed_patients else
+           "; these weights carry no patient hashes (the shard folders were not readable at "
+           "publish time), so that count needs the pretraining shards "
+           "(`evaluation.pretraining_shards`)."))
     return "\n".join(lines) + "\n"
 
 
@@ -181,14 +198,34 @@ def _results(results: Results | None) -> str:
              "has no patient ids).\n",
              "| task | init | protocol | label fraction | AUC | ACC | effective seeds | resampled |",
              "|---|---|---|---:|---|---|---:|---|"]
+    leaks = _leakage_notes(results)
     for agg in results.aggregates:
+        mark = " †" if (agg.task, agg.init) in leaks else ""
         lines.append(
-            f"| {_cell(agg.task)} | {_cell(agg.init_label)} | {_cell(agg.protocol)} | "
+            f"| {_cell(agg.task)}{mark} | {_cell(agg.init_label)} | {_cell(agg.protocol)} | "
             f"{_num(agg.fraction)} | {_metric(agg.auc_mean, agg.auc_ci)} | "
             f"{_metric(agg.acc_mean, agg.acc_ci)} | {_num(agg.effective_seeds)} | "
             f"{_cell(agg.resampling)} |"
         )
+    if leaks:
+        lines += ["", ("† **Leakage:** these rows were benchmarked although the leakage guard "
+                       "found test or validation data in pretraining (`evaluation.allow_leakage: "
+                       "true`); they are not held-out estimates:"), ""]
+        for (task, init), note in sorted(leaks.items()):
+            lines.append(f"- {_cell(task)} / {_cell(init)}: {_words(note)}")
     return "\n".join(lines) + "\n"
+
+
+def _leakage_notes(results: Results) -> dict[tuple[str, str], str]:
+    """(task, init) -> the leakage note its rows carry (finetune/leakage_guard.py writes it)."""
+    return {(r.task, r.init): r.leakage for r in results.rows if getattr(r, "leakage", "")}
+
+
+def _words(text: str) -> str:
+    """A note medssl wrote, kept to plain words and numbers (no path can pass)."""
+    kept = [w for w in str(text).split() if re.fullmatch(r"[A-Za-z0-9_.,;:()%=+<>'-]{1,40}", w)
+            and "/" not in w]
+    return " ".join(kept)[:400]
 
 
 def _intended_use() -> str:

@@ -23,7 +23,16 @@ from medssl import __version__
 from medssl.errors import MedsslError
 from medssl.hub import check_push_possible, push
 from medssl.io import atomic_write_text
-from medssl.published import CARD, CONFIG, PUBLISHED_FILES, SUMS, WEIGHTS, hub_config, write_sums
+from medssl.published import (
+    CARD,
+    CONFIG,
+    PATIENTS,
+    PUBLISHED_FILES,
+    SUMS,
+    WEIGHTS,
+    hub_config,
+    write_sums,
+)
 from medssl.results import Results
 from medssl.rundir import (
     RECORD_NAME,
@@ -85,6 +94,7 @@ def publish_command(
     sources = record.latest_sources()
     index, index_sha = _training_index(sources)
     modality = intensity.modality or _main_modality(index)
+    patients = _pretraining_patients(sources, entry.sha256)
     license_ = str(record.config.get("license") or "other")
     medssl_block = {
         "steps": entry.step, "git_sha": record.git_sha, "medssl_version": __version__,
@@ -105,6 +115,7 @@ def publish_command(
         modality=modality, window=intensity.window, license=license_, git_sha=record.git_sha,
         medssl_version=__version__, index=index, index_sha256=index_sha, sources=sources,
         results=results_data, repo_id=push_to_hub, model_args=timm_args,
+        hashed_patients={s.index_sha256: len(s.hashes) for s in patients.sources} if patients else {},
     ))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -113,13 +124,21 @@ def publish_command(
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     atomic_write_text(out / CONFIG, json.dumps(config_json, indent=2) + "\n")
     atomic_write_text(out / CARD, str(card))
-    write_sums(out, [WEIGHTS, CONFIG, CARD])
+    names = [WEIGHTS, CONFIG, CARD]
+    if patients is not None:
+        from medssl.leakage.patients import write_hashes
+
+        write_hashes(out / PATIENTS, patients)
+        names.append(PATIENTS)
+    else:
+        (out / PATIENTS).unlink(missing_ok=True)   # a previous publish's: it would not be listed
+    write_sums(out, names)
     n_params = sum(t.numel() for t in tensors.values())
     log.info("published %s (%s, %.1fM params, step %d) to %s", record.arch, record.method,
              n_params / 1e6, entry.step, out)
 
     if push_to_hub:
-        push(out, push_to_hub, PUBLISHED_FILES)
+        push(out, push_to_hub, tuple(n for n in PUBLISHED_FILES if (out / n).is_file()))
     return 0
 
 
@@ -190,6 +209,36 @@ def _training_index(sources: list[ShardSource]) -> tuple[dict | None, str | None
     log.warning("%s records no training shard folder; the card will say provenance is not recorded",
                 RECORD_NAME)
     return None, None
+
+
+def _pretraining_patients(sources: list[ShardSource], checkpoint_sha256: str):
+    """Keyed hashes of the patients of every shard folder pretraining read
+    (``medssl.leakage.patients``), or None when no folder could be read as recorded.
+
+    A folder is hashed whole or not at all (a partial list would undercount an overlap); one
+    that moved, changed since the run read it, or records no salt is left out with a warning,
+    and the card says which sources a benchmark can check.
+    """
+    from medssl.leakage.patients import hash_sources, nonce_for, shard_patients
+
+    found = []
+    for source in sources:
+        path = Path(source.folder) / "index.json"
+        if not (path.is_file() and source.index_sha256 and source.salt_id and source.split):
+            log.warning("pretraining shards %s: not readable as recorded (index.json or salt id "
+                        "missing); its patients are not hashed", source.folder)
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() != source.index_sha256:
+            log.warning("%s: changed since the run read it; its patients are not hashed", path)
+            continue
+        try:
+            by_split = shard_patients(source.folder, source.split.split("+"))
+        except MedsslError as exc:
+            log.warning("pretraining patients not hashed for one shard folder: %s", exc)
+            continue
+        found.append((source.index_sha256, source.salt_id, source.split,
+                      set().union(*(set(c) for c in by_split.values()))))
+    return hash_sources(nonce_for(checkpoint_sha256), found) if found else None
 
 
 def _main_modality(index: dict | None) -> str | None:

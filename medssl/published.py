@@ -28,7 +28,10 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
 SUMS = "SHA256SUMS"
-PUBLISHED_FILES = (WEIGHTS, CONFIG, CARD, SUMS)
+#: Keyed hashes of the pretraining patients (medssl/leakage/patients.py), when publish could
+#: read the shard folders pretraining read; listed in SHA256SUMS like the rest.
+PATIENTS = "pretraining_patients.json"
+PUBLISHED_FILES = (WEIGHTS, CONFIG, CARD, PATIENTS, SUMS)
 
 
 @dataclass
@@ -137,15 +140,8 @@ def verify_published(directory: Path) -> None:
     directory = Path(directory)
     if not directory.is_dir():
         raise MedsslError(f"{directory}: published dir not found")
+    listed = sums_listing(directory)
     sums_path = directory / SUMS
-    if not sums_path.is_file():
-        raise MedsslError(f"{sums_path}: missing; not a complete medssl publish (re-run medssl publish)")
-    listed: dict[str, str] = {}
-    for n, line in enumerate(sums_path.read_text().splitlines(), 1):
-        match = re.fullmatch(r"([0-9a-f]{64}) [ *]([^/\\]+)", line.strip())
-        if not match or match.group(2) in (".", ".."):
-            raise MedsslError(f"{sums_path}: line {n} is not '<sha256>  <file name>'")
-        listed[match.group(2)] = match.group(1)
     for required in (WEIGHTS, CONFIG):
         if required not in listed:
             raise MedsslError(f"{sums_path}: does not list {required}; the dir cannot be trusted")
@@ -155,6 +151,20 @@ def verify_published(directory: Path) -> None:
             raise MedsslError(f"{path}: listed in {SUMS} but missing")
         if sha256_file(path) != expected:
             raise MedsslError(f"{path}: sha256 does not match {SUMS}; the file was changed or damaged")
+
+
+def sums_listing(directory: Path) -> dict[str, str]:
+    """File name -> sha256 as ``SHA256SUMS`` lists them (not checked against the files)."""
+    sums_path = Path(directory) / SUMS
+    if not sums_path.is_file():
+        raise MedsslError(f"{sums_path}: missing; not a complete medssl publish (re-run medssl publish)")
+    listed: dict[str, str] = {}
+    for n, line in enumerate(sums_path.read_text().splitlines(), 1):
+        match = re.fullmatch(r"([0-9a-f]{64}) [ *]([^/\\]+)", line.strip())
+        if not match or match.group(2) in (".", ".."):
+            raise MedsslError(f"{sums_path}: line {n} is not '<sha256>  <file name>'")
+        listed[match.group(2)] = match.group(1)
+    return listed
 
 
 def write_sums(directory: Path, names: list[str]) -> None:

@@ -44,6 +44,10 @@ class CellRow:
     #: selected without that value's images; its auc/acc are on the held-out test images.
     #: None: an in-distribution cell (older files have none).
     fold: str | None = None
+    #: Why this row is not a held-out estimate (finetune/leakage_guard.py): set when the leakage
+    #: guard found the task's test or val data in the init's pretraining and
+    #: ``evaluation.allow_leakage`` let the benchmark go on; empty when it found none.
+    leakage: str = ""
 
     @property
     def ok(self) -> bool:

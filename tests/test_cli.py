@@ -21,7 +21,8 @@ def test_version_and_help_list_every_command(capsys):
     assert exc.value.code == 0
     assert __version__ in capsys.readouterr().out
     help_text = build_parser().format_help()
-    for command in ("synth", "shard", "shards", "pretrain", "publish", "finetune", "demo"):
+    for command in ("synth", "shard", "shards", "pretrain", "publish", "finetune", "explain",
+                    "leakage", "demo"):
         assert command in help_text
 
 
@@ -32,6 +33,8 @@ def test_version_and_help_list_every_command(capsys):
         (["-m", "pretrain", "/no/such.yaml"], "/no/such.yaml: config file not found"),
         (["-m", "finetune", "/no/such.yaml"], "/no/such.yaml: config file not found"),
         (["-m", "medssl", "publish", "/no/such/run", "--out", "/tmp/x"], "/no/such/run"),
+        (["-m", "medssl", "explain", "/no/such/bench"], "/no/such/bench/config.yaml: not found"),
+        (["-m", "medssl", "leakage", "/no/such/pre", "/no/such/task"], "/no/such/"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, fragment):

@@ -181,3 +181,30 @@ def test_bad_input_is_refused_before_work(tmp_path):
     (tmp_path / "out" / "leakage.json").write_text('{"someone": "else"}')
     with pytest.raises(MedsslError, match="not a medssl leakage report"):
         write_report(find_leaks(good, good), tmp_path / "out")
+
+
+def test_leakage_command_exit_status_and_one_result_line(tmp_path, capsys):
+    from medssl.cli import main
+
+    pre = [_sample(f"pre{i}", _texture(i)) for i in range(5)]
+    pre.append(_sample("copy", _rotated(_texture(300), 3.0)))
+    pdir = _folder(tmp_path / "pre", {"train": pre})
+    clean = _folder(tmp_path / "clean", {"test": [_sample("c0", _texture(400))],
+                                         "val": [_sample("c1", _texture(401))]})
+    leaky = _folder(tmp_path / "leaky", {"test": [_sample("t0", _texture(300)),
+                                                  _sample("t1", _texture(402))],
+                                         "train": [_sample("t2", _texture(2))]})
+    assert main(["leakage", str(pdir), str(clean), "--out", str(tmp_path / "r0")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("leakage: 0 of 2 task images (test+val)") and "\n" not in line
+    assert main(["leakage", str(pdir), str(leaky), "--out", str(tmp_path / "r1")]) == 1
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("leakage: 1 of 2 task images (test)")   # train was not asked for
+    report = json.loads((tmp_path / "r1" / "leakage.json").read_text())
+    assert [(p["task_key"], p["pretrain_key"]) for p in report["pairs"]] == [("t0", "copy")]
+    # one folder for both: its test split against itself is refused; against train it runs
+    assert main(["leakage", str(leaky), str(leaky), "--out", str(tmp_path / "r2")]) == 2
+    assert main(["leakage", str(leaky), str(leaky), "--pretrain-splits", "train",
+                 "--out", str(tmp_path / "r2")]) == 0
+    assert main(["leakage", str(pdir), str(clean), "--splits", "val,test2",
+                 "--out", str(tmp_path / "r3")]) == 2

@@ -446,3 +446,70 @@ def test_nonfinite_weights_are_refused(tmp_path):
     first = floats[1][len("backbone."):]
     assert f"{len(floats) - 1} of {n_backbone} backbone tensors hold NaN or infinity (first: {first})" in message
     assert "refusing to publish" in message and not (tmp_path / "out").exists()
+
+
+def _real_shards(run: Path, shards: Path, patients: dict[str, int], salt: str = "5a1t1d0123") -> None:
+    """Replace make_run's index-only shard folder by one with a real tar, and record it."""
+    import numpy as np
+    import webdataset as wds
+
+    from medssl.data.sample import encode_intensity, encode_png
+    from medssl.io import sha256_file
+    from medssl.rundir import read_record, write_record
+
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(shards / "train-000000.tar")) as tw:
+        for patient, count in patients.items():
+            for k in range(count):
+                stored, offset, slope = encode_intensity(rng.integers(-500, 500, (8, 8)))
+                meta = {"modality": "CT", "patient": patient,
+                        "intensity": {"offset": offset, "slope": slope, "unit": "HU"}}
+                tw.write({"__key__": f"{patient}-{k:03d}", "img.png": encode_png(stored),
+                          "json": json.dumps(meta).encode()})
+    n = sum(patients.values())
+    index = dict(INDEX, shards={"train-000000.tar": {"split": "train", "samples": n,
+                                                     "sha256": sha256_file(shards / "train-000000.tar")}},
+                 config=dict(INDEX["config"], salt_id=salt))
+    (shards / "index.json").write_text(json.dumps(index))
+    record = read_record(run)
+    record.data[0].index_sha256 = sha256_file(shards / "index.json")
+    record.data[0].samples = n
+    record.data[0].shards = 1
+    write_record(run, record)
+
+
+def test_publish_hashes_the_pretraining_patients_without_revealing_them(tmp_path):
+    from medssl.leakage.patients import FILE_NAME, hash_patient, published_hashes
+
+    run, _ = make_run(tmp_path)
+    patients = {"p-00000000000000a1": 2, "p-00000000000000b2": 1, "p-00000000000000c3": 3}
+    _real_shards(run, tmp_path / "shards", patients)
+    out = tmp_path / "published"
+    assert publish_command(run, out) == 0
+    listed = dict(reversed(line.split("  ")) for line in (out / "SHA256SUMS").read_text().splitlines())
+    assert FILE_NAME in listed
+    hashes = published_hashes(out)
+    (source,) = hashes.sources
+    assert source.salt_id == "5a1t1d0123" and source.split == "train" and len(source.hashes) == 3
+    assert {hash_patient(hashes.nonce, p) for p in patients} == set(source.hashes)
+    assert not source.seen(hashes.nonce, ["p-00000000000000ff"])
+    for name in listed:                                   # no pseudonym leaves in any file
+        text = (out / name).read_bytes()
+        assert not any(p.encode() in text or p[2:].encode() in text for p in patients), name
+    card = (out / "README.md").read_text()
+    digest = hashlib.sha256((tmp_path / "shards" / "index.json").read_bytes()).hexdigest()
+    assert f"| train | `{digest}` | `5a1t1d0123` | 1 | 6 | 3 |" in card
+    assert "pretraining_patients.json" in card and "HMAC-SHA256" in card
+    first = (out / FILE_NAME).read_bytes()
+    assert publish_command(run, out) == 0                 # same weights, same file
+    assert (out / FILE_NAME).read_bytes() == first
+    # a changed sidecar is refused like any listed file
+    (out / FILE_NAME).write_bytes(first.replace(b'"train"', b'"test"'))
+    with pytest.raises(MedsslError, match="pretraining_patients.json: sha256 does not match"):
+        published_hashes(out)
+    # shards gone at publish time: no sidecar, none left over, and the card says so
+    (tmp_path / "shards" / "train-000000.tar").unlink()
+    assert publish_command(run, out) == 0
+    assert not (out / FILE_NAME).exists() and FILE_NAME not in (out / "SHA256SUMS").read_text()
+    assert "carry no patient hashes" in (out / "README.md").read_text()
+    verify_published(out)

@@ -58,7 +58,9 @@ def explain_set(model: nn.Module, images: torch.Tensor, labels: Sequence[int],
     ``targets``: "pred" (the predicted class), "true", or one class index per image.
     ``permuted_model``: the same architecture fitted on permuted labels (data-randomisation
     test), when cheap. ``masks [N, S, S]`` bool: where the finding is, in input pixels
-    (``localisation.resize_masks``); scored for the trained and the randomised maps.
+    (``localisation.resize_masks``); an empty mask marks an image without a finding (not
+    scored). Localisation is scored on maps of the TRUE class (the finding's), whatever
+    ``targets`` chose for the grid, for the trained and the fully randomised model.
     """
     if method not in METHODS:
         raise ValueError(f"explain method {method!r} unknown; choose from {sorted(METHODS)}")
@@ -88,16 +90,37 @@ def explain_set(model: nn.Module, images: torch.Tensor, labels: Sequence[int],
                                         "verdict": data_test["verdict"]}
     record["verdict"] = overall(tests)
     if masks is not None:
-        record["localisation"] = {
-            "trained": {"pointing_game": _brief(pointing_game(maps, masks)),
-                        "energy_inside": _brief(energy_inside(maps, masks))},
-            "randomised": {"pointing_game": _brief(pointing_game(model_test["random_maps"], masks)),
-                           "energy_inside": _brief(energy_inside(model_test["random_maps"],
-                                                                 masks))}}
+        record["localisation"] = _localise(model, model_test["random_model"], images, labels,
+                                           chosen, maps, model_test["random_maps"], masks, map_fn)
     grid = draw_grid(display, maps, labels, pred, prob[np.arange(len(pred)), pred], class_names,
                      out_png, f"{title} - {method} - {record['verdict']['words']}")
     record["grid"] = Path(grid).name
     return record
+
+
+def _localise(model: nn.Module, random_model: nn.Module, images: torch.Tensor, labels: np.ndarray,
+              chosen: list[int], maps: np.ndarray, random_maps: np.ndarray, masks: np.ndarray,
+              map_fn: MapFn) -> dict:
+    """Pointing game and energy inside the mask on the images that have a finding."""
+    masks = np.asarray(masks, bool)
+    if masks.shape != maps.shape:
+        raise ValueError(f"masks {masks.shape} do not match the maps {maps.shape}")
+    idx = np.flatnonzero(masks.reshape(len(masks), -1).any(axis=1))
+    if not len(idx):
+        return {"n_scored": 0, "target": "true class",
+                "status": "no explained image has a finding mask"}
+    true = [int(t) for t in labels[idx]]
+    if all(chosen[i] == t for i, t in zip(idx, true)):
+        trained, randomised = maps[idx], random_maps[idx]
+    else:  # the grid explains predictions: localise the finding's own class instead
+        trained = map_fn(model, images[idx], true)
+        randomised = map_fn(random_model, images[idx], true)
+    m = masks[idx]
+    return {"n_scored": len(idx), "target": "true class",
+            "trained": {"pointing_game": _brief(pointing_game(trained, m)),
+                        "energy_inside": _brief(energy_inside(trained, m))},
+            "randomised": {"pointing_game": _brief(pointing_game(randomised, m)),
+                           "energy_inside": _brief(energy_inside(randomised, m))}}
 
 
 def _brief(d: dict) -> dict:

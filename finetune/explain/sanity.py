@@ -160,7 +160,8 @@ def cascading_randomisation(model: nn.Module, images: torch.Tensor, targets: Seq
 
     Works on a copy: ``model`` is untouched. Returns ``{"stages": [{"stage", "spearman",
     "spearman_ci", "ssim", "flat"} ...], "final": compare_maps(...), "verdict": verdict(...)}``
-    and the fully randomised maps under ``"random_maps"`` (``[N, H, W]``).
+    and the fully randomised maps under ``"random_maps"`` (``[N, H, W]``), the fully
+    randomised copy of the model under ``"random_model"``.
     """
     if reference is None:
         reference = map_fn(model, images, targets)
@@ -177,7 +178,7 @@ def cascading_randomisation(model: nn.Module, images: torch.Tensor, targets: Seq
                          "flat": cmp["flat"]})
     final = compare_maps(reference, maps)
     return {"stages": rows, "final": final, "verdict": verdict(final, "model"),
-            "random_maps": maps}
+            "random_maps": maps, "random_model": shadow}
 
 
 def data_randomisation(reference: np.ndarray, permuted_model: nn.Module, images: torch.Tensor,

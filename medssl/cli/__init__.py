@@ -1,7 +1,7 @@
 """The ``medssl`` command: the app layer, above the stages.
 
 One module per command (``synth``, ``shard``, ``shards``, ``pretrain``, ``publish``,
-``finetune``, ``demo``), each giving ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``finetune``, ``explain``, ``leakage``, ``demo``), each giving ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> exit code``. This package is the only part of ``medssl`` that imports a stage
 (``pretrain``, ``finetune``), and nothing imports it (``tests/test_layers.py`` reads the
 imports to keep it so). Each command imports its stage lazily, so ``medssl shards verify``
@@ -15,13 +15,13 @@ import logging
 import sys
 
 from medssl import __version__
-from medssl.cli import demo, finetune, pretrain, publish, shard, shards, synth
+from medssl.cli import demo, explain, finetune, leakage, pretrain, publish, shard, shards, synth
 from medssl.errors import MedsslError
 from medssl.logging import setup_logging
 
 log = logging.getLogger("medssl")
 
-COMMANDS = (synth, shard, shards, pretrain, publish, finetune, demo)
+COMMANDS = (synth, shard, shards, pretrain, publish, finetune, explain, leakage, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

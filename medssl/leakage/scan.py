@@ -185,8 +185,12 @@ def find_pairs(pretrain: HashedSet, task: HashedSet, radius: int = DEFAULT_RADIU
 def find_leaks(pretrain_dir: Path | str, task_dir: Path | str, radius: int = DEFAULT_RADIUS,
                bits: int = DEFAULT_BITS, task_splits: list[str] | None = None,
                encoder: Encoder | None = None, min_cosine: float | None = None,
-               max_listed: int = MAX_LISTED) -> LeakageResult:
-    """Cross-set near-duplicates between two shard folders; see the module docstring."""
+               max_listed: int = MAX_LISTED,
+               pretrain_splits: list[str] | None = None) -> LeakageResult:
+    """Cross-set near-duplicates between two shard folders; see the module docstring.
+
+    ``task_splits`` / ``pretrain_splits``: the splits compared (None: all of the folder's).
+    """
     if not 0 <= radius < bits:
         raise MedsslError(f"leakage radius {radius} must lie in [0, {bits})")
     if min_cosine is not None and not -1.0 <= min_cosine <= 1.0:
@@ -194,7 +198,8 @@ def find_leaks(pretrain_dir: Path | str, task_dir: Path | str, radius: int = DEF
     if (encoder is None) != (min_cosine is None):
         raise MedsslError("leakage: an encoder needs min_cosine, and min_cosine an encoder")
     read_index(pretrain_dir), read_index(task_dir)  # both folders checked before any work
-    pre = hash_folder(pretrain_dir, bits, encoder=encoder, desc="hash pretrain")
+    pre = hash_folder(pretrain_dir, bits, splits=pretrain_splits, encoder=encoder,
+                      desc="hash pretrain")
     task = hash_folder(task_dir, bits, splits=task_splits, encoder=encoder, desc="hash task")
     return compare(pre, task, radius, min_cosine, max_listed)
 

@@ -159,3 +159,70 @@ def write_published(folder, in_chans=1, window=(40.0, 400.0)):
     (folder / "config.json").write_text(json.dumps(config))
     write_sums(folder, ["config.json", "model.safetensors"])
     return folder, model
+
+
+def set_salt(folder: Path, salt_id: str) -> str:
+    """Record ``salt_id`` in a shard folder's index.json (as `medssl shard` does); returns the
+    folder's new index digest."""
+    import hashlib
+
+    index = json.loads((folder / "index.json").read_text())
+    index.setdefault("config", {})["salt_id"] = salt_id
+    (folder / "index.json").write_text(json.dumps(index))
+    return hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()
+
+
+def write_patient_shards(out: Path, patients: dict[str, int], salt_id: str, split: str = "train",
+                         size: int = 16, seed: int = 0) -> Path:
+    """An unlabeled shard folder of one split: ``patients`` maps pseudonym -> images."""
+    import webdataset as wds
+
+    from medssl.io import sha256_file
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    name = f"{split}-000000.tar"
+    n = 0
+    with wds.TarWriter(str(out / name)) as tw:
+        for patient, count in patients.items():
+            for k in range(count):
+                stored, offset, slope = encode_intensity(rng.integers(-400, 600, (size, size)))
+                meta = {"modality": "CT", "patient": patient, "channels": 1,
+                        "intensity": {"offset": offset, "slope": slope, "unit": "HU"}}
+                tw.write({"__key__": f"{patient}-{k:04d}", "img.png": encode_png(stored),
+                          "json": json.dumps(meta).encode()})
+                n += 1
+    index = {"format": "medssl-shards/1", "medssl_version": "0.1.0", "created": "2026",
+             "shards": {name: {"split": split, "samples": n, "sha256": sha256_file(out / name)}},
+             "splits": {split: {"samples": n, "patients": len(patients)}},
+             "config": {"salt_id": salt_id}}
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+def write_ssl_published(folder: Path, pretraining_data: list[dict], patient_hashes=None,
+                        in_chans: int = 1) -> Path:
+    """A published dir of random weights whose config.json records what pretraining read
+    (``pretraining_data`` entries: split, index_sha256, salt_id, shards, samples) and, when
+    given, a ``PatientHashes`` sidecar listed in SHA256SUMS, as `medssl publish` writes them."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from medssl.leakage.patients import FILE_NAME, write_hashes
+    from medssl.published import hub_config, write_sums
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, num_classes=0, in_chans=in_chans)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    config = hub_config(model, ARCH, in_chans, 32, [0.5] * in_chans, [0.25] * in_chans, "other", {},
+                        "simclr", {"window": {"center": 110.0, "width": 1020.0},
+                                   "pretraining_data": pretraining_data})
+    (folder / "config.json").write_text(json.dumps(config))
+    names = ["config.json", "model.safetensors"]
+    if patient_hashes is not None:
+        write_hashes(folder / FILE_NAME, patient_hashes)
+        names.append(FILE_NAME)
+    write_sums(folder, names)
+    return folder
