@@ -12,145 +12,56 @@ a flat fluid level, vectorised over the whole ``[K, S, S]`` volume of a patient.
 Every file carries FAKE identifiers exactly where real scans carry real ones (name, MRN, dates,
 institution, physicians, accession, free text, a private block, UIDs, and the folder names).
 They are canaries: ``canary_strings`` lists them so tests can search shards, logs and model
-cards for any of them. Everything is derived from ``seed``: same arguments, same bytes.
+cards for any of them (``synth_dicom``). Everything is derived from ``seed``: same arguments,
+same bytes.
+
+Each patient is scanned at one of three sites (``synth_sites``, which states the effect sizes):
+the grain, the HU offset and the field of view are the site's, the anatomy and the findings
+are the patient's. Measured on the default corpus (``write_corpus(out)``: 24 patients x 8
+slices, 128 px, seed 0) and on the demo's (480 x 4): see ``datasets/README.md``, "the
+generator's site effect". ``masks/`` holds where the findings are, per slice, for the
+localisation score.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
 from scipy.ndimage import gaussian_filter  # scipy ships with scikit-learn, a medssl dependency
 
+from medssl.data.synth_dicom import (  # re-exported: the corpus's public names live here
+    CANARY_FIELDS,
+    PRIVATE_CREATOR,
+    PRIVATE_GROUP,
+    RESCALE_INTERCEPT,
+    FakeIdentity,
+    canary_strings,
+    fake_identity,
+    slice_dataset,
+)
+from medssl.data.synth_sites import FOV_REF_MM, SCANNERS, ScanSettings, scan_settings, site_of
 from medssl.errors import MedsslError
 
 log = logging.getLogger(__name__)
 
-#: DICOM keywords that carry a fake identifier, date or free text in every synthetic file.
-CANARY_FIELDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "AcquisitionDateTime",
-    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "OperatorsName",
-    "AccessionNumber", "StudyDescription", "ImageComments",
-    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
-)
-#: Private block holding a fake next-of-kin name (Annex E says: remove all private tags).
-PRIVATE_GROUP = 0x0029
-PRIVATE_CREATOR = "MEDSSL SYNTH CANARY"
-LABEL_COLUMNS = ("path", "patient_id", "slice", "nodule", "effusion", "finding")
+#: labels.csv columns. The first six are the labels; ``sex`` (F/M), ``age`` (whole years, exact:
+#: labels.csv plays the hospital archive, ingestion bands it) and ``site`` (the hospital's
+#: InstitutionName, a canary) describe the patient; ``mask`` is the finding mask's path
+#: (relative to OUT, empty for a slice without a finding).
+LABEL_COLUMNS = ("path", "patient_id", "slice", "nodule", "effusion", "finding",
+                 "sex", "age", "site", "mask")
+#: Columns an earlier synth corpus may hold instead (a re-run still replaces it).
+_LEGACY_HEADERS = ("path,patient_id,slice,nodule,effusion,finding",)
+MASKS_FOLDER = "masks"
 #: finding = nodule + 2 * effusion
 FINDING_NAMES = ("none", "nodule", "effusion", "both")
 
 HU_AIR, HU_FAT, HU_SOFT, HU_LUNG = -1000.0, -100.0, 45.0, -860.0
-RESCALE_INTERCEPT = -1024  # stored = HU + 1024, so a reader that skips the modality LUT is wrong
-
-_SYLLABLES = ("zor", "quil", "vex", "bram", "thon", "plix", "gorm", "wend",
-              "yarr", "kest", "mulb", "frin", "zanth", "oph", "trel", "drax")
-_GIVEN = ("Ottoline", "Barnabus", "Philippa", "Zebedee", "Clementine", "Peregrin",
-          "Wilhelmina", "Thaddeus", "Araminta", "Montague", "Hortensia", "Ignatius")
-
-
-@dataclass(frozen=True)
-class FakeIdentity:
-    """The fake identifiers written for one patient; every string is a canary."""
-
-    folder: str
-    series_folder: str
-    patient_name: str
-    patient_id: str
-    sex: str
-    birth_date: str
-    age: str
-    study_date: str
-    study_time: str
-    institution: str
-    address: str
-    referring: str
-    operator: str
-    accession: str
-    study_description: str
-    comment: str
-    private_name: str
-    study_uid: str
-    series_uid: str
-    frame_uid: str
-    sop_uids: tuple[str, ...]
-
-    @property
-    def acquisition_datetime(self) -> str:
-        return f"{self.study_date}{self.study_time}.000000"
-
-
-def _word(rng: np.random.Generator, n: int) -> str:
-    return "".join(rng.choice(_SYLLABLES, size=n)).capitalize()
-
-
-def fake_identity(patient_index: int, seed: int = 0, slices: int = 8, size: int = 128) -> FakeIdentity:
-    """Deterministic fake identity of patient ``patient_index`` in corpus ``(seed, slices, size)``."""
-    rng = np.random.default_rng([seed, patient_index, 1])
-    family, given = _word(rng, 3), str(rng.choice(_GIVEN))
-    birth = dt.date(1935, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 55)))
-    study = dt.date(2014, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 9)))
-    age = (study - birth).days // 365
-    study_time = f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}"
-    accession = f"ACC{int(rng.integers(10**7, 10**8))}"
-    entropy = [f"medssl-synth/{seed}/{slices}/{size}/{patient_index}"]
-    return FakeIdentity(
-        folder=f"PAT-{family}_{given}_{patient_index:03d}",
-        series_folder=f"{study:%Y%m%d}-{accession}",
-        patient_name=f"{family}^{given}",
-        patient_id=f"FAKEMRN{seed % 1000:03d}{patient_index:05d}",
-        sex=str(rng.choice(["F", "M"])),
-        birth_date=f"{birth:%Y%m%d}",
-        age=f"{age:03d}Y",
-        study_date=f"{study:%Y%m%d}",
-        study_time=study_time,
-        institution=f"Saint {_word(rng, 2)} Synthetic Infirmary",
-        address=f"{int(rng.integers(1, 999))} {_word(rng, 2)} Road, Nowhere-on-Sea",
-        referring=f"{_word(rng, 2)}^{rng.choice(_GIVEN)}^^Dr",
-        operator=f"{_word(rng, 2)}^{rng.choice(_GIVEN)}",
-        accession=accession,
-        study_description=f"CT CHEST FOLLOW-UP {family.upper()} {accession}",
-        comment=f"{given} {family} tolerated the scan well, call back on 555-{patient_index:04d}",
-        private_name=f"Next of kin {_word(rng, 3)} {rng.choice(_GIVEN)}",
-        study_uid=str(generate_uid(entropy_srcs=entropy + ["study"])),
-        series_uid=str(generate_uid(entropy_srcs=entropy + ["series"])),
-        frame_uid=str(generate_uid(entropy_srcs=entropy + ["frame"])),
-        sop_uids=tuple(str(generate_uid(entropy_srcs=entropy + [f"sop{k}"])) for k in range(slices)),
-    )
-
-
-def canary_strings(patient_index: int, seed: int = 0, slices: int = 8, size: int = 128) -> list[str]:
-    """Every identifying string written for one patient, for leak searches in shards and logs.
-
-    Dates come in DICOM (``YYYYMMDD``) and ISO (``YYYY-MM-DD``) forms. PatientSex (one letter)
-    and PatientAge (``047Y``) are written but left out here: too short to search for without
-    false alarms in compressed pixel bytes.
-    """
-    ident = fake_identity(patient_index, seed, slices, size)
-    family, given = ident.patient_name.split("^")
-    found = [
-        ident.folder, ident.series_folder, ident.patient_name, family, given + " " + family,
-        ident.patient_id, ident.accession, ident.acquisition_datetime,
-        ident.institution, ident.address, ident.referring, ident.operator,
-        ident.study_description, ident.comment, ident.private_name,
-        ident.study_uid, ident.series_uid, ident.frame_uid, *ident.sop_uids,
-    ]
-    for day in (ident.birth_date, ident.study_date):
-        found += [day, f"{day[:4]}-{day[4:6]}-{day[6:]}"]
-    return list(dict.fromkeys(found))
 
 
 @dataclass
@@ -164,6 +75,14 @@ class Phantom:
     nodule: np.ndarray         # bool [K], slice label: a nodule shows (>= 3 px at 128 px)
     effusion: np.ndarray       # bool [K], slice label: fluid shows (>= 12 px at 128 px)
     fov_mm: float              # field of view; pixel spacing is fov_mm / S
+    site: int = 0              # synth_sites: the scanner that made it (grain, offset, fov)
+    noise_hu: float = 0.0      # grain standard deviation of this series, HU
+    offset_hu: float = 0.0     # the site's HU offset, already in ``hu``
+
+    @property
+    def finding_mask(self) -> np.ndarray:
+        """bool ``[K, S, S]``: nodule or effusion, what ``masks/`` holds per slice."""
+        return self.nodule_mask | self.effusion_mask
 
 
 def _ellipse(x: np.ndarray, y: np.ndarray, cx, cy, ax, ay) -> np.ndarray:
@@ -180,24 +99,29 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple
 def draw_patient(patient_index: int, seed: int = 0, slices: int = 8, size: int = 128) -> Phantom:
     """The phantom ``write_corpus`` writes for one patient (also handy for array-only tests)."""
     # Shapes and findings use one stream, pixel noise another, so the same patient has the same
-    # anatomy and findings at every ``size``.
+    # anatomy and findings at every ``size``; the scanner has a third (synth_sites), so the
+    # site changes how a patient is imaged, never who the patient is.
     return _draw_patient(np.random.default_rng([seed, patient_index, 2]),
-                         np.random.default_rng([seed, patient_index, 3]), slices, size)
+                         np.random.default_rng([seed, patient_index, 3]), slices, size,
+                         scan_settings(patient_index, seed))
 
 
 def _draw_patient(
-    rng: np.random.Generator, noise: np.random.Generator, slices: int, size: int
+    rng: np.random.Generator, noise: np.random.Generator, slices: int, size: int,
+    scan: ScanSettings,
 ) -> Phantom:
     """One chest: body, fat, lungs with vessels, heart, liver dome, aorta, spine, ribs, findings.
 
     Image rows run anterior (top) to posterior (bottom), columns patient right to left, as on a
-    radiologist's screen; slice 0 is the most cranial. Geometry is in units of half the field
-    of view, so the same patient looks the same at any ``size``.
+    radiologist's screen; slice 0 is the most cranial. Geometry is in units of half of
+    ``FOV_REF_MM``, so the same patient looks the same at any ``size``; the scanner's field of
+    view ``scan.fov_mm`` zooms the image grid over it.
     """
-    k_n, px = slices, 2.0 / size                         # px: one pixel in normalised units
+    zoom = scan.fov_mm / FOV_REF_MM
+    k_n, px = slices, 2.0 * zoom / size                  # px: one pixel in normalised units
     t = np.linspace(0.0, 1.0, k_n) if k_n > 1 else np.array([0.5])
     t3 = t[:, None, None]
-    c = (np.arange(size, dtype=np.float32) + 0.5) * px - 1.0
+    c = ((np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0) * np.float32(zoom)
     y, x = c[None, :, None], c[None, None, :]
     u = rng.uniform
 
@@ -233,7 +157,7 @@ def _draw_patient(
 
     # Lung parenchyma: denser posteriorly (gravity), with a ridge network of vessels that
     # thickens towards the hilum.
-    sig = 1.6 * size / 128
+    sig = 1.6 * size / 128 / zoom                        # in pixels: vessels keep their mm
     vess_field = _smooth_noise(noise, hu.shape, (0.8, sig, sig))
     vessels = np.exp(-((vess_field / 0.22) ** 2))
     hilum = np.exp(-np.abs(np.abs(x) - 0.15) / 0.35)
@@ -259,15 +183,16 @@ def _draw_patient(
         rib = (_ellipse(x, y, cx, cy, 0.03, 0.03) < 1) & (visible > 0)
         hu[rib] = 700 + u(-100, 100)
 
-    fov_mm = float(u(330, 420))
     # A finding is drawn only in slices where it is big enough to see, so every labelled
-    # slice shows it and no negative slice holds a trace of it.
+    # slice shows it and no negative slice holds a trace of it. The threshold is in pixels,
+    # the same at every site: a label means "this many pixels show it" everywhere.
     min_px = max(3, round(3 * (size / 128) ** 2))
     effusion_px = _add_effusion(rng, hu, right, left, 4 * min_px)
     aerated = lungs & ~effusion_px
     nodule_px = _add_nodules(rng, hu, x, y, aerated, lx, ly, lax, lay, px, min_px)
-    # CT grain: finely correlated noise everywhere (scanner noise is not white).
-    hu += _smooth_noise(noise, hu.shape, (0, 0.7, 0.7)) * u(10, 18)
+    # The site's scanner: a calibration offset and finely correlated grain (CT noise is not
+    # white) of the site's strength.
+    hu += scan.offset_hu + _smooth_noise(noise, hu.shape, (0, 0.7, 0.7)) * scan.noise_hu
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     return Phantom(
         hu=hu,
@@ -276,7 +201,10 @@ def _draw_patient(
         effusion_mask=effusion_px,
         nodule=nodule_px.any(axis=(1, 2)),
         effusion=effusion_px.any(axis=(1, 2)),
-        fov_mm=fov_mm,
+        fov_mm=scan.fov_mm,
+        site=scan.site,
+        noise_hu=scan.noise_hu,
+        offset_hu=scan.offset_hu,
     )
 
 
@@ -331,59 +259,6 @@ def _add_effusion(rng, hu, right, left, min_px) -> np.ndarray:
     return mask
 
 
-#: Attributes every synthetic slice shares; none of them identifies anyone.
-_CONSTANT = {
-    "SpecificCharacterSet": "ISO_IR 100", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
-    "SOPClassUID": CTImageStorage, "Modality": "CT", "Manufacturer": "MEDSSL SYNTHETIC",
-    "SeriesDescription": "AXIAL CHEST", "BodyPartExamined": "CHEST", "KVP": "120",
-    "PatientPosition": "HFS", "StudyID": "1", "SeriesNumber": 2,
-    "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "SamplesPerPixel": 1,
-    "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 16,
-    "HighBit": 15, "PixelRepresentation": 1, "BurnedInAnnotation": "NO", "WindowCenter": "40",
-    "WindowWidth": "400", "RescaleIntercept": str(RESCALE_INTERCEPT), "RescaleSlope": "1",
-    "RescaleType": "HU",
-}
-
-
-def _slice_dataset(ident: FakeIdentity, vol: Phantom, k: int, size: int, spacing_mm: float) -> Dataset:
-    """Slice ``k`` as a CT Image Storage dataset with file meta (pydicom sorts tags on write)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = ident.sop_uids[k]
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta.ImplementationVersionName = "MEDSSL_SYNTH"
-    pixel, z = vol.fov_mm / size, -spacing_mm * k
-    corner = f"{-vol.fov_mm / 2 + pixel / 2:.6g}"
-    values = dict(_CONSTANT)
-    values.update({
-        # The canaries: fake identity where real scans keep the real one.
-        "PatientName": ident.patient_name, "PatientID": ident.patient_id,
-        "PatientBirthDate": ident.birth_date, "PatientSex": ident.sex, "PatientAge": ident.age,
-        "StudyDate": ident.study_date, "SeriesDate": ident.study_date,
-        "AcquisitionDate": ident.study_date, "ContentDate": ident.study_date,
-        "StudyTime": ident.study_time, "SeriesTime": ident.study_time,
-        "AcquisitionTime": ident.study_time, "ContentTime": ident.study_time,
-        "AcquisitionDateTime": ident.acquisition_datetime, "AccessionNumber": ident.accession,
-        "InstitutionName": ident.institution, "InstitutionAddress": ident.address,
-        "ReferringPhysicianName": ident.referring, "OperatorsName": ident.operator,
-        "StudyDescription": ident.study_description, "ImageComments": ident.comment,
-        "StudyInstanceUID": ident.study_uid, "SeriesInstanceUID": ident.series_uid,
-        "SOPInstanceUID": ident.sop_uids[k], "FrameOfReferenceUID": ident.frame_uid,
-        # Geometry.
-        "InstanceNumber": k + 1, "SliceThickness": f"{spacing_mm:.4g}",
-        "ImagePositionPatient": [corner, corner, f"{z:.6g}"], "SliceLocation": f"{z:.6g}",
-        "Rows": size, "Columns": size, "PixelSpacing": [f"{pixel:.6g}", f"{pixel:.6g}"],
-    })
-    for keyword, value in values.items():
-        setattr(ds, keyword, value)
-    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
-    block.add_new(0x10, "LO", ident.private_name)
-    stored = vol.hu[k].astype(np.int32) - RESCALE_INTERCEPT
-    ds.PixelData = stored.astype("<i2").tobytes()
-    return ds
-
 
 def write_corpus(out: Path, patients: int = 24, slices: int = 8, size: int = 128, seed: int = 0) -> Path:
     """Write the demo corpus under ``out`` and return the path of ``out/labels.csv``.
@@ -391,7 +266,12 @@ def write_corpus(out: Path, patients: int = 24, slices: int = 8, size: int = 128
     ``patients`` DICOM series of ``slices`` axial ``size x size`` CT slices (int16 stored
     values, HU = stored - 1024). ``labels.csv`` has one row per slice file: ``path`` (relative
     to ``out``), ``patient_id``, ``slice`` (0-based, cranial first), ``nodule``, ``effusion``
-    (0/1) and ``finding`` = nodule + 2 * effusion (0 none, 1 nodule, 2 effusion, 3 both).
+    (0/1) and ``finding`` = nodule + 2 * effusion (0 none, 1 nodule, 2 effusion, 3 both);
+    then ``sex`` (F/M), ``age`` (whole years), ``site`` (the hospital's InstitutionName) and
+    ``mask``: ``masks/<same path>.mask.png`` (8-bit, 255 where a nodule or fluid shows, 0
+    elsewhere; the DICOM's grid) for a slice with a finding, empty otherwise. Masks are the
+    truth of the localisation score: ``medssl shard --masks-out`` joins them to sample keys;
+    they never enter a shard (``.mask.png`` files are sidecars to the folder walk).
     Same arguments give byte-identical files.
     """
     out = Path(out)
@@ -407,16 +287,21 @@ def write_corpus(out: Path, patients: int = 24, slices: int = 8, size: int = 128
     for p in range(patients):
         ident = fake_identity(p, seed, slices, size)
         vol = draw_patient(p, seed, slices, size)
-        folder = out / ident.folder / ident.series_folder
-        folder.mkdir(parents=True, exist_ok=True)
+        series = f"{ident.folder}/{ident.series_folder}"
+        (out / series).mkdir(parents=True, exist_ok=True)
+        findings = vol.finding_mask
         for k in range(slices):
             name = f"IM{k + 1:04d}.dcm"
-            _slice_dataset(ident, vol, k, size, spacing_mm).save_as(
-                folder / name, enforce_file_format=True
+            slice_dataset(ident, vol.hu[k], vol.fov_mm, k, spacing_mm).save_as(
+                out / series / name, enforce_file_format=True
             )
+            mask = ""
+            if findings[k].any():
+                mask = f"{MASKS_FOLDER}/{series}/IM{k + 1:04d}.mask.png"
+                _write_mask(out / mask, findings[k])
             nod, eff = int(vol.nodule[k]), int(vol.effusion[k])
-            rows.append((f"{ident.folder}/{ident.series_folder}/{name}", ident.patient_id, k,
-                         nod, eff, nod + 2 * eff))
+            rows.append((f"{series}/{name}", ident.patient_id, k, nod, eff, nod + 2 * eff,
+                         ident.sex, ident.age_years, ident.institution, mask))
     labels = out / "labels.csv"
     with labels.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -425,10 +310,19 @@ def write_corpus(out: Path, patients: int = 24, slices: int = 8, size: int = 128
     arr = np.array([r[3:5] for r in rows])
     log.info(
         "synth: wrote %d patients x %d slices (%d px, seed %d) to %s; slices with nodule %.0f%%, "
-        "effusion %.0f%%", patients, slices, size, seed, out, 100 * arr[:, 0].mean(),
-        100 * arr[:, 1].mean(),
+        "effusion %.0f%%; patients per site %s", patients, slices, size, seed, out,
+        100 * arr[:, 0].mean(), 100 * arr[:, 1].mean(),
+        [sum(site_of(p, seed) == s for p in range(patients)) for s in range(len(SCANNERS))],
     )
     return labels
+
+
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    """``mask`` (bool ``[S, S]``) as an 8-bit 0/255 PNG; Pillow writes no timestamp."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path, format="PNG")
 
 
 def _clear_previous(out: Path) -> None:
@@ -442,18 +336,19 @@ def _clear_previous(out: Path) -> None:
         return
     labels = out / "labels.csv"
     header = labels.read_text().split("\n", 1)[0] if labels.is_file() else ""
-    if header != ",".join(LABEL_COLUMNS):
+    if header not in (",".join(LABEL_COLUMNS), *_LEGACY_HEADERS):
         raise MedsslError(
             f"synth: {out} is not empty and holds no previous synth corpus; choose a new OUT"
         )
     # Only folders this generator names (PAT-...) go; anything else stays where it is.
     for entry in entries:
-        if entry.is_dir() and entry.name.startswith("PAT-"):
+        if entry.is_dir() and (entry.name.startswith("PAT-") or entry.name == MASKS_FOLDER):
             shutil.rmtree(entry)
     labels.unlink()
 
 
 __all__ = [
-    "CANARY_FIELDS", "FINDING_NAMES", "LABEL_COLUMNS", "FakeIdentity", "Phantom", "canary_strings",
+    "CANARY_FIELDS", "FINDING_NAMES", "LABEL_COLUMNS", "MASKS_FOLDER", "PRIVATE_CREATOR",
+    "PRIVATE_GROUP", "RESCALE_INTERCEPT", "FakeIdentity", "Phantom", "canary_strings",
     "draw_patient", "fake_identity", "write_corpus",
 ]

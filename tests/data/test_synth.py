@@ -46,7 +46,9 @@ def test_same_arguments_give_byte_identical_corpus(corpus, tmp_path):
     again = tmp_path / "again"
     write_corpus(again, patients=PATIENTS, slices=SLICES, size=SIZE, seed=7)
     first, second = _files(corpus), _files(again)
-    assert len(first) == PATIENTS * SLICES + 1
+    masks = sum(1 for r in _rows(corpus) if r["mask"])
+    assert 0 < masks < PATIENTS * SLICES
+    assert len(first) == PATIENTS * SLICES + 1 + masks  # slices, labels.csv, finding masks
     assert first == second
     other = tmp_path / "other"
     write_corpus(other, patients=PATIENTS, slices=SLICES, size=SIZE, seed=8)
@@ -113,7 +115,7 @@ def test_every_canary_is_really_written(corpus):
 
 def test_tissue_intensities_are_ct_like():
     ph = draw_patient(0, seed=3, slices=6, size=96)
-    hu = ph.hu.astype(np.float32)
+    hu = ph.hu.astype(np.float32) - ph.offset_hu  # tissue as it is, before the site's offset
     corner = hu[:, :6, :6]
     assert -1030 < corner.mean() < -970  # air outside the body
     lung = hu[ph.lung_mask]
@@ -153,7 +155,7 @@ def test_labels_match_the_findings_in_the_pixels(corpus):
         for k in np.flatnonzero(ph.nodule):
             nod_gap.append(hu[k][ph.nodule_mask[k]].mean() - hu[k][ph.lung_mask[k]].mean())
         for k in np.flatnonzero(ph.effusion):
-            eff_hu.append(hu[k][ph.effusion_mask[k]].mean())
+            eff_hu.append(hu[k][ph.effusion_mask[k]].mean() - ph.offset_hu)
             for half in (slice(0, 32), slice(32, 64)):  # one lung each side of the midline
                 m = ph.effusion_mask[k][:, half]
                 cols = m.any(axis=0)
@@ -199,6 +201,14 @@ def test_rerun_replaces_a_previous_corpus_but_refuses_other_folders(tmp_path):
     write_corpus(out, patients=3, slices=2, size=32)
     write_corpus(out, patients=1, slices=2, size=32)  # fewer patients: no stale series left
     assert len(list(out.rglob("*.dcm"))) == 2 and len(_rows(out)) == 2
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.mask.png")} == \
+        {r["mask"] for r in _rows(out) if r["mask"]}  # no stale masks either
+    # A corpus written before labels.csv had patient columns is still recognised as ours.
+    old = tmp_path / "old"
+    (old / "PAT-x").mkdir(parents=True)
+    (old / "labels.csv").write_text("path,patient_id,slice,nodule,effusion,finding\n")
+    write_corpus(old, patients=1, slices=1, size=32)
+    assert not (old / "PAT-x").exists() and len(_rows(old)) == 1
     other = tmp_path / "mine"
     other.mkdir()
     (other / "notes.txt").write_text("precious")
