@@ -34,6 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, metavar="FILE",
                    help="per-input JSONL report (default <out>.report.jsonl, beside the folder: "
                         "it names source files, so never inside it)")
+    p.add_argument("--masks-out", type=Path, metavar="FILE.npz",
+                   help="also write the finding masks of the written samples, keyed by sample "
+                        "key, to this file (evaluation.explain.masks reads it); needs a recipe "
+                        "with masks: COLUMN. Never inside --out; an existing file is refused "
+                        "unless this run wrote it")
     p.add_argument("--max-bad", type=float, default=DEFAULT_MAX_BAD, metavar="FRACTION",
                    help="exit 1 when more than this fraction (0..1) of the inputs is lost "
                         "(quarantined; rows a recipe's label policy drops on purpose do not count); "

@@ -18,7 +18,8 @@ class Quarantine(Exception):
     Reasons in use: ``unreadable``, ``truncated``, ``unsupported_format``,
     ``unsupported_transfer_syntax``, ``undecodable``, ``unsupported_dimensions``,
     ``burned_in_annotation``, ``secondary_capture``, ``ultrasound_burned_in``,
-    ``not_an_image``, ``no_pixel_data``, ``empty_volume``, ``too_large``.
+    ``not_an_image``, ``no_pixel_data``, ``empty_volume``, ``too_large``, ``bad_mask``
+    (``masks``: a recipe's finding mask that cannot be read or does not fit its image).
     """
 
     def __init__(self, reason: str, message: str = "") -> None:

@@ -44,6 +44,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 SIDECAR_SUFFIXES = (
     ".csv", ".tsv", ".json", ".jsonl", ".txt", ".yaml", ".yml", ".md", ".log",
     ".bval", ".bvec", ".xml", ".html", ".pdf",
+    ".mask.png",  # finding masks (medssl synth's masks/): the truth of a score, never a scan
 )
 #: A DICOMDIR is an index of other files, never an image; its records name patients.
 SKIPPED_NAMES = ("DICOMDIR",)

@@ -101,6 +101,9 @@ class Recipe:
     patient_column: str | None = None
     patient_pattern: str | None = None
     slice_column: str | None = None
+    # Column holding each image's finding-mask file (blank: no finding); read only for
+    # ``medssl shard --masks-out`` (medssl.data.masks), never stored in a shard.
+    masks: str | None = None
     split_column: str | None = None
     split_values: dict[str, str] | None = None
     split_lists: dict[str, str] | None = None
@@ -112,6 +115,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name or ""):
             raise ConfigError(f"name: use letters, digits, '-', '_' or '.', got {self.name!r}")
+        if self.masks is not None and self.manifest is None:
+            raise ConfigError("masks: names a manifest column; set manifest: FILE or drop masks")
         if self.manifest is None:
             if self.labels is not None or self.image_column or self.split_column or self.split_lists:
                 raise ConfigError(
@@ -202,7 +207,10 @@ class Recipe:
         for split, rel in self._manifest_files().items():
             path = _resolve(base, rel)
             root = _resolve(base, self.root) if self.root is not None else path.parent
-            entries += _read_entries(self, path, root, split, check_files)
+            found = _read_entries(self, path, root, split, check_files)
+            if self.masks:
+                _read_masks(self, path, root, found)
+            entries += found
         # Two rows for one image (or one slice) would write it twice, perhaps with two labels.
         seen: dict[tuple[Path, int | None], ManifestEntry] = {}
         for e in entries:
@@ -241,6 +249,7 @@ class ManifestEntry:
     split: str | None
     row: int
     slice: int | None = None
+    mask: Path | None = None        # recipe ``masks``: the finding-mask file; None: none
     manifest: Path | None = None
     quarantine: str | None = None
 
@@ -399,6 +408,22 @@ def _read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
                                      row=i, slice=slice_index, manifest=manifest,
                                      quarantine=reason))
     return entries
+
+
+def _read_masks(recipe: Recipe, manifest: Path, root: Path, entries: list[ManifestEntry]) -> None:
+    """Set ``entry.mask`` from the ``masks`` column (resolved like image paths; blank: None).
+
+    Apart from ``_read_entries`` because masks are wanted by one command only; whether a mask
+    can be read is the worker's question (``bad_mask``), asked only when masks are written.
+    """
+    table = _read_table(recipe, manifest)
+    if recipe.masks not in table.columns:
+        raise MedsslError(
+            f"{manifest}: no column {recipe.masks!r} (recipe {recipe.source or recipe.name}, key "
+            f"masks); columns are {', '.join(map(str, table.columns[:30]))}"
+        )
+    for entry, value in zip(entries, table[recipe.masks].tolist()):
+        entry.mask = None if is_blank(value) else _resolve(root, str(value).strip())
 
 
 def _whole(rows: _Rows, i: int, column: str, value: Any) -> int | None:

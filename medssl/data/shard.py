@@ -135,8 +135,10 @@ def _collect_inputs(args: argparse.Namespace):
     if recipe is not None and recipe.manifest is not None:
         # include_dropped: rows the label policy drops are reported, not silently skipped
         entries = recipe.manifest_entries(list(args.inputs), include_dropped=True)
+        wants_masks = getattr(args, "masks_out", None) is not None
         items = [InputItem(i, str(e.path), patient_id=str(e.patient_id), label=e.label,
-                           split=e.split, slice=e.slice, quarantine=e.quarantine)
+                           split=e.split, slice=e.slice, quarantine=e.quarantine,
+                           mask=(str(e.mask) if e.mask else "") if wants_masks else None)
                  for i, e in enumerate(entries)]
     else:
         from medssl.data import readers
@@ -178,6 +180,7 @@ def shard_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     salt, new_salt = deid.resolve_salt(args.salt_file, out)
     items, recipe = _collect_inputs(args)
+    masks = _masks_plan(args, recipe, items)
     config = {
         "splits": fractions, "max_side": args.max_side, "shard_size": args.shard_size,
         "axis": args.axis, "recipe": (getattr(recipe, "name", None) or Path(args.recipe).stem)
@@ -187,20 +190,69 @@ def shard_command(args: argparse.Namespace) -> int:
         "inputs": {"count": len(items),
                    "digest": _inputs_digest(salt, items)},
     }
+    marker = None
+    if masks is not None:
+        from medssl.data.masks import check_masks_out, masks_marker
+
+        marker = masks_marker(salt, config, masks)
+        masks_done = check_masks_out(Path(args.masks_out), out, marker)
     with FolderLock(out, "shard folder"):
         index = check_existing(out, config)
         if index is not None:
             check_complete(out, index)
             (out / JOURNAL_NAME).unlink(missing_ok=True)  # killed between index and clean-up
+            if marker is not None and not masks_done:
+                # A finished folder asked for its masks: read the inputs again (no shard is
+                # touched; the worker is deterministic, so keys and grids are the shards').
+                _close_masks(_mask_writer(args, marker, items, _job(args, salt, fractions),
+                                          len(items)), args.masks_out)
             return finish(index, report, args.max_bad, already=True)
         if new_salt is not None:
             deid.save_salt(new_salt, salt)
-        return _run(args, out, report, config, items, recipe, salt, fractions)
+        return _run(args, out, report, config, items, recipe, salt, fractions, marker)
+
+
+def _masks_plan(args: argparse.Namespace, recipe, items: list[InputItem]) -> list | None:
+    """The mask path of every input when ``--masks-out`` is given (None otherwise)."""
+    if getattr(args, "masks_out", None) is None:
+        return None
+    if recipe is None or not getattr(recipe, "masks", None):
+        where = f"recipe {recipe.source or recipe.name} has none" if recipe else "no --recipe"
+        raise ConfigError(f"--masks-out {args.masks_out}: needs a --recipe whose masks: key names "
+                          f"the manifest's mask column ({where}; medssl synth's is masks: mask)")
+    return [it.mask for it in items]
+
+
+def _job(args: argparse.Namespace, salt: bytes, fractions: dict) -> Job:
+    return Job(salt=salt, fractions=fractions, axis=args.axis,
+               allow_burned_in=bool(args.allow_burned_in), max_side=args.max_side,
+               max_pixels=args.max_pixels)
+
+
+def _mask_writer(args: argparse.Namespace, marker: bytes, items: list[InputItem], job: Job,
+                 upto: int):
+    """A ``--masks-out`` writer already holding the masks of ``items[:upto]``, read again."""
+    from medssl.data.masks import MaskWriter
+
+    writer = MaskWriter(Path(args.masks_out), marker)
+    if upto:
+        log.info("masks: reading %d inputs again for their finding masks", upto)
+    for result in iter_results(items[:upto], job, args.workers):
+        writer.add_result(result)
+    return writer
+
+
+def _close_masks(writer, path) -> None:
+    writer.close()
+    log.info("masks: %d samples (%d with a finding) -> %s", writer.count, writer.with_finding,
+             path)
 
 
 def _run(args: argparse.Namespace, out: Path, report: Path, config: dict,
-         items: list[InputItem], recipe, salt: bytes, fractions: dict) -> int:
-    """Shard ``items`` into the locked folder ``out`` (resuming its journal if any)."""
+         items: list[InputItem], recipe, salt: bytes, fractions: dict,
+         marker: bytes | None = None) -> int:
+    """Shard ``items`` into the locked folder ``out`` (resuming its journal if any); with a
+    ``marker``, also write ``--masks-out`` (inputs finished before a resume are read again)."""
     journal, restart, split_state = open_journal(out, config, len(items))
     writers: dict[str, SplitWriter] = {}
 
@@ -211,9 +263,8 @@ def _run(args: argparse.Namespace, out: Path, report: Path, config: dict,
                                          counter, journal.add_shard)
         return writers[split]
 
-    job = Job(salt=salt, fractions=fractions, axis=args.axis,
-              allow_burned_in=bool(args.allow_burned_in), max_side=args.max_side,
-              max_pixels=args.max_pixels)
+    job = _job(args, salt, fractions)
+    masks = None if marker is None else _mask_writer(args, marker, items, job, restart)
     with open(report, "w", encoding="utf-8") as rep:
         for entry in journal.entries:  # inputs finished before an interruption
             rep.write(report_line(items[entry["input"]].path, entry))
@@ -221,6 +272,8 @@ def _run(args: argparse.Namespace, out: Path, report: Path, config: dict,
         for result in iter_results(items[restart:], job, args.workers):
             for enc in result.samples:
                 writer_for(enc.split).write(enc)
+            if masks is not None:
+                masks.add_result(result)
             entry = journal.add_input(result)
             rep.write(report_line(items[result.index].path, entry, result.detail))
             rep.flush()
@@ -234,6 +287,8 @@ def _run(args: argparse.Namespace, out: Path, report: Path, config: dict,
         bar.close()
     for writer in writers.values():
         writer.close()
+    if masks is not None:
+        _close_masks(masks, args.masks_out)
     index = build_index(journal, len(items), fractions,
                         recipe.labels_info() if recipe is not None else None)
     index_file = out / INDEX_NAME

@@ -124,7 +124,8 @@ def canary_strings(patient_index: int, seed: int = 0, slices: int = 8, size: int
     (InstitutionName, the labels.csv ``site``), its address and StationName are canaries: a
     shard may carry a site only as a salted pseudonym. PatientSex (one letter) and PatientAge
     (``047Y``, labels.csv ``age`` 47) are written but left out here: too short to search for
-    without false alarms in compressed pixel bytes (``exact_age_strings`` tests them in text).
+    without false alarms in compressed pixel bytes; test them in text outputs (json,
+    index, logs) instead.
     """
     ident = fake_identity(patient_index, seed, slices, size)
     family, given = ident.patient_name.split("^")

@@ -49,6 +49,7 @@ class InputItem:
     label: int | list[int] | None = None
     split: str | None = None
     slice: int | None = None        # keep only this slice of a volume (recipe slice_column)
+    mask: str | None = None         # recipe masks: its mask file, '' none; None: not asked
     quarantine: str | None = None   # known before reading: a recipe row, a discovery problem
 
     @property
@@ -81,6 +82,7 @@ class Encoded:
     cls: bytes | None
     split: str
     patient: str
+    mask: np.ndarray | None = None  # bool [H, W] finding mask (--masks-out); never in a shard
 
 
 @dataclass
@@ -190,9 +192,15 @@ def _process(item: InputItem, job: Job) -> InputResult:
                 continue
             modality = modality or sl.modality
             samples.append(encode_slice(sl, pseudo, item, slice_no, job))
+            if item.mask is not None:
+                from medssl.data.masks import sample_mask
+
+                samples[-1].mask = sample_mask(item.mask, sl.pixels.shape[:2], job.max_side,
+                                               len(samples))
     except readers.Quarantine as exc:
-        # too_large says what the header claimed (numbers only), to help choose --max-pixels.
-        detail = exc.message if exc.reason == "too_large" else None
+        # too_large says what the header claimed (numbers only), to help choose --max-pixels;
+        # bad_mask what is wrong with the mask (our words and sizes).
+        detail = exc.message if exc.reason in ("too_large", "bad_mask") else None
         return InputResult(item.index, "quarantined", reason=str(exc.reason), detail=detail)
     except MedsslError:
         raise

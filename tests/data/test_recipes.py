@@ -111,7 +111,7 @@ def test_non_integer_class_names_the_row(corpus, tmp_path):
     for bad, match in (("2.5", "not a whole number"), ("abc", "not a number"),
                        ("4", "outside 0..3"), ("", "blank label")):
         parts = text[3].split(",")
-        parts[-1] = bad
+        parts[text[0].split(",").index("finding")] = bad
         (tmp_path / "labels.csv").write_text("\n".join([*text[:3], ",".join(parts), *text[4:]]) + "\n")
         with pytest.raises(MedsslError, match=rf"labels.csv: row 2 \(line 4\), column 'finding'.*{match}"):
             load_recipe(RECIPES / "demo.yaml").manifest_entries([tmp_path])
