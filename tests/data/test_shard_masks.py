@@ -123,6 +123,11 @@ def test_masks_out_keys_are_the_sample_keys_and_masks_cover_the_findings(corpus,
         for canary in canary_strings(patient, seed=2, slices=3, size=64):
             assert canary.encode() not in outputs, canary
     assert not list(out.glob("*.npz")) and not list(out.glob("*.png"))
+    # Masks change nothing in the shards: the same bytes as a run without them.
+    plain = tmp_path / "plain"
+    assert run_shard(corpus, plain, salt, "--recipe", recipe) == 0
+    assert {p.name: p.read_bytes() for p in plain.glob("*.tar")} == \
+        {p.name: p.read_bytes() for p in out.glob("*.tar")}
 
 
 def test_masks_follow_the_image_through_max_side(corpus, recipe, salt, tmp_path):
