@@ -44,6 +44,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date
+from itertools import pairwise
 from typing import Any
 
 from medssl.errors import ConfigError, MedsslError
@@ -87,7 +88,7 @@ class AgeBands:
         if edges[0] != 0:
             raise ConfigError(f"{key}: the first edge must be 0 (every age needs a band), got "
                               f"{edges[0]}")
-        for lo, hi in zip(edges, edges[1:]):
+        for lo, hi in pairwise(edges):
             if hi - lo < MIN_BAND_YEARS:
                 raise ConfigError(f"{key}: edges {lo} and {hi} are less than {MIN_BAND_YEARS} "
                                   "years apart (edges increase; a narrow band is nearly an "
@@ -102,13 +103,13 @@ class AgeBands:
     def labels(self) -> list[str]:
         """Band labels in age order: ``["0-17", ..., "80+"]``."""
         e = self.edges
-        return [f"{lo}-{hi - 1}" for lo, hi in zip(e, e[1:])] + [f"{e[-1]}+"]
+        return [f"{lo}-{hi - 1}" for lo, hi in pairwise(e)] + [f"{e[-1]}+"]
 
     def band(self, years: float | None) -> str | None:
         """The band of an age in years (fractions count as the whole years lived)."""
         if years is None or not math.isfinite(years) or not 0 <= years <= MAX_PLAUSIBLE_AGE:
             return None
-        whole = int(math.floor(years))
+        whole = math.floor(years)
         below = [i for i, edge in enumerate(self.edges) if edge <= whole]
         return self.labels[below[-1]]
 
@@ -349,8 +350,23 @@ def band_order(name: str, values: list[str]) -> list[str]:
     return sorted(values, key=lambda v: int(re.match(r"\d+", v).group()) if v[:1].isdigit() else 999)
 
 
-__all__ = ["AgeBands", "AttributeSpec", "DEFAULT_AGE_BINS", "HEADER_ATTRIBUTES", "MAX_DISTINCT",
-           "RECIPE_ATTRIBUTES", "SAMPLE_ATTRIBUTE_KEYS", "attribute_problems", "band_order",
-           "coarsen_column",
-           "header_attributes", "parse_header_names", "parse_specs", "parse_years", "sex_code",
-           "short_text", "view_code", "years_between"]
+__all__ = [
+    "DEFAULT_AGE_BINS",
+    "HEADER_ATTRIBUTES",
+    "MAX_DISTINCT",
+    "RECIPE_ATTRIBUTES",
+    "SAMPLE_ATTRIBUTE_KEYS",
+    "AgeBands",
+    "AttributeSpec",
+    "attribute_problems",
+    "band_order",
+    "coarsen_column",
+    "header_attributes",
+    "parse_header_names",
+    "parse_specs",
+    "parse_years",
+    "sex_code",
+    "short_text",
+    "view_code",
+    "years_between"
+]

@@ -5,6 +5,7 @@ reach a shard member, index.json, the report, the logs or the shard journal, thr
 from __future__ import annotations
 
 import csv
+import io
 import json
 import tarfile
 import warnings
@@ -220,7 +221,7 @@ def test_verify_flags_attribute_keys_outside_the_allow_list(tmp_path, salt):
                  "--salt-file", str(salt)]) == 0
     assert verify_shards(out) == []
     # Rewrite one shard with a raw age and a birth date slipped into `attributes`.
-    shard = sorted(out.glob("*.tar"))[0]
+    shard = min(out.glob("*.tar"))
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar]
     bad = shard.with_suffix(".new")
@@ -231,7 +232,6 @@ def test_verify_flags_attribute_keys_outside_the_allow_list(tmp_path, salt):
                 meta["attributes"].update(age="47", birth_date="19010101")
                 raw = json.dumps(meta).encode()
                 m.size = len(raw)
-            import io
             tar.addfile(m, io.BytesIO(raw))
     bad.replace(shard)
     problems = "\n".join(verify_shards(out))
