@@ -21,6 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "reports it complete")
     p.add_argument("--recipe", type=Path, metavar="YAML",
                    help="datasets/recipes/NAME.yaml: manifest, patient column, labels, splits")
+    p.add_argument("--attributes", metavar="NAME,...",
+                   help="subgroup attributes to read from DICOM headers, coarsened: sex "
+                        "(M/F/O), age (band; 90+ in the top band), site (salted pseudonym of "
+                        "institution + station), scanner (manufacturer, model); default none")
     p.add_argument("--splits", default="train=0.8,val=0.1,test=0.1", metavar="NAME=FRACTION,...",
                    help="patient-level split fractions, summing to 1 (default train=0.8,val=0.1,test=0.1)")
     p.add_argument("--workers", type=int, default=1, metavar="N",

@@ -3,13 +3,30 @@
 What a shard keeps is an allow-list, not a scrubbed copy of the header: ``sample_metadata``
 builds each sample's ``json`` from a handful of typed fields (modality, body part, view,
 pixel spacing, slice index, channel count, intensity encoding, window, label) plus
-pseudonyms. Nothing else from a source file can reach a shard, whatever the file holds.
+pseudonyms, and, only when a recipe's ``attributes:`` or ``medssl shard --attributes`` asks,
+coarsened subgroup ``attributes``. Nothing else from a source file can reach a shard, whatever
+the file holds.
+
+Subgroup attributes (``medssl.data.attributes`` holds the rules; ``attribute_problems`` is
+checked again here and by ``medssl shards verify``):
+
+* read from DICOM headers only when asked (``--attributes sex,age,site,scanner``): PatientSex
+  (kept only as ``M``/``F``/``O``); PatientAge, or PatientBirthDate and StudyDate when it is
+  absent, turned into an age BAND (default ``0-17``, ``18-39``, ``40-59``, ``60-79``, ``80+``;
+  the top band always absorbs 90+, per Safe Harbor) -- neither the years nor a date is stored;
+  InstitutionName + StationName, stored only as a salted pseudonym ``site-<8 hex>``;
+  Manufacturer and ManufacturerModelName (scanner, not identifying), cut to 32 characters of
+  ``[A-Za-z0-9+._ -]``;
+* read from manifest columns a recipe names: the same coarsening (a site column with
+  ``pseudonym: true`` becomes ``site-<8 hex>``), and a column with more than 50 distinct values
+  is refused before any shard is written, so free text cannot pass as a category.
 
 Coverage against DICOM PS3.15 Annex E (Basic Application Level Confidentiality Profile) and
 HIPAA Safe Harbor (45 CFR 164.514(b)(2)):
 
-* patient identity and demographics (name, ID, birth date, sex, age, address, phone,
-  insurance, other IDs), personnel and institution names, accession and request numbers,
+* patient identity and demographics (name, ID, birth date, address, phone, insurance, other
+  IDs; sex and age unless asked for, then coarsened as above), personnel and institution names
+  (a site is stored only as a pseudonym), accession and request numbers,
   device serials, all dates and times, free-text descriptions and comments, private
   attributes, and NIfTI ``descrip``/``aux_file``/``db_name``/extensions and PNG/TIFF/EXIF
   text: removed, by never being copied;
@@ -29,6 +46,8 @@ Not covered, and to be stated wherever the data or weights are shared:
 * faces: head CT/MR volumes can be rendered into a recognisable face; no defacing is done;
 * the images themselves (rare anatomy, implants) and the patient-level linkage pseudonyms
   provide, which is what makes this pseudonymisation rather than anonymisation under GDPR;
+* the combination of coarse attributes (site pseudonym, sex, age band) narrows who a sample
+  could be, most for small sites and the top age band; they are asked for, never default;
 * identifiers typed into the allow-listed fields in a code-like form (e.g. a BodyPartExamined
   of ``SMITH``) are indistinguishable from codes and would pass.
 """
@@ -45,6 +64,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medssl.data.attributes import attribute_problems
 from medssl.data.sample import SAMPLE_META_KEYS, Slice
 from medssl.errors import MedsslError
 
@@ -178,6 +198,14 @@ class Pseudonymizer:
         text = str(raw).strip() if raw is not None else ""
         return "r-" + self._digest("medssl/series/v1", text)[:16] if text else None
 
+    def site(self, *parts: str) -> str:
+        """``"site-<8 hex>"`` for a site name (e.g. InstitutionName and StationName): short,
+        because a corpus has a few sites and users name them in configs (``evaluation.shift``)."""
+        text = [str(p).strip() for p in parts]
+        if not any(text):
+            raise ValueError("empty site name")
+        return "site-" + self._digest("medssl/site/v1", *text)[:8]
+
     def sample_key(self, patient_pseudo: str, source_identity: str, index: int) -> str:
         """WebDataset key ``"<patient pseudonym>-<12 hex>"``: unique per (source, index).
 
@@ -263,5 +291,10 @@ def sample_metadata(
     label = _label(s.label)
     if label is not None:
         meta["label"] = label
+    if s.attributes:
+        problems = attribute_problems(s.attributes)
+        if problems:  # coarsening happens before; a raw value here is a bug: refuse, not leak
+            raise ValueError(f"sample attributes not coarsened: {problems[0]}")
+        meta["attributes"] = dict(sorted(s.attributes.items()))
     assert set(meta) <= set(SAMPLE_META_KEYS), sorted(set(meta) - set(SAMPLE_META_KEYS))
     return meta

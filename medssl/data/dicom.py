@@ -16,7 +16,9 @@ modality LUT). This module decides what to do with the result:
   palette alpha dropped).
 
 Only allow-listed attributes leave this module (see ``sample.Slice``); raw patient/study/series
-identifiers travel in the Slice so the writer can pseudonymise them, and go no further.
+identifiers travel in the Slice so the writer can pseudonymise them, and go no further; so do
+the raw ``ATTRIBUTE_SOURCES`` strings (in ``Slice.extra``, never written), which the writer
+coarsens into subgroup attributes only when ``medssl shard --attributes`` asks.
 
 Files quarantined unless ``allow_burned_in``: BurnedInAnnotation == YES; Secondary Capture
 SOP classes (1.2.840.10008.5.1.4.1.1.7 and its .1-.4 subclasses) or any ConversionType
@@ -45,6 +47,10 @@ SECONDARY_CAPTURE_ROOT = "1.2.840.10008.5.1.4.1.1.7"
 #: Objects with pixel data that are not pictures of anatomy (masks, dose grids, ...).
 NOT_IMAGE_MODALITIES = {"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO",
                         "REG", "DOC", "ECG", "HD", "RWV"}
+#: Header elements behind the subgroup attributes (``medssl.data.attributes.header_attributes``):
+#: handed over raw in ``Slice.extra`` (never written); stored only coarsened, and only when asked.
+ATTRIBUTE_SOURCES = ("PatientSex", "PatientAge", "PatientBirthDate", "StudyDate",
+                     "InstitutionName", "StationName", "Manufacturer", "ManufacturerModelName")
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
@@ -267,6 +273,7 @@ def read_dicom(path: Path, *, allow_burned_in: bool = False,
         ts = _transfer_syntax(ds)
         decoder = _decoder(ds, ts, path)
         base = _identity_and_codes(ds, path)
+        header = {k: _text(ds.get(k)) for k in ATTRIBUTE_SOURCES}
         n_frames = int(_number(ds.get("NumberOfFrames")) or 1)
         instance = _number(ds.get("InstanceNumber"))
     mono1_range: list[tuple[float, float]] = []
@@ -286,6 +293,7 @@ def read_dicom(path: Path, *, allow_burned_in: bool = False,
             for key, value in base.items():
                 setattr(s, key, value)
             s.extra["transfer_syntax"] = ts
+            s.extra["header"] = header  # raw: only data.attributes' coarsened values are kept
             yield s
     except Quarantine:
         raise

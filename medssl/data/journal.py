@@ -70,6 +70,9 @@ class Journal:
         entry = {"input": result.index, "outcome": result.outcome, "reason": result.reason,
                  "samples": dict(samples), "patients": patients, "modality": result.modality,
                  "skipped": {r: list(v) for r, v in result.skipped.items()}}
+        attributes = _count_attributes(result.samples)
+        if attributes:  # coarsened values only (bands, pseudonyms): harmless like the rest
+            entry["attributes"] = attributes
         self.entries.append(entry)
         self._append(entry)
         return entry
@@ -80,6 +83,50 @@ class Journal:
             self._file = None
         if delete:
             self.path.unlink(missing_ok=True)
+
+
+def _count_attributes(samples) -> dict:
+    """split -> name -> {"values": {value: samples}, "absent": samples}, for recorded names."""
+    out: dict = {}
+    for enc in samples:
+        for name, value in (getattr(enc, "attributes", None) or {}).items():
+            block = out.setdefault(enc.split, {}).setdefault(name, {"values": {}, "absent": 0})
+            if value is None:
+                block["absent"] += 1
+            else:
+                block["values"][value] = block["values"].get(value, 0) + 1
+    return out
+
+
+def attributes_index(entries: list[dict], recorded: dict) -> dict:
+    """index.json's ``attributes``: per recorded name, its values with sample counts (age bands
+    in age order), the samples without a value, and the same per split."""
+    from medssl.data.attributes import MAX_DISTINCT, band_order
+
+    out: dict = {}
+    for name, how in recorded.items():
+        total: Counter = Counter()
+        absent = 0
+        splits: dict = {}
+        for entry in entries:
+            for split, by_name in (entry.get("attributes") or {}).items():
+                block = by_name.get(name)
+                if not block:
+                    continue
+                s = splits.setdefault(split, {"values": Counter(), "absent": 0})
+                s["values"].update(block["values"])
+                s["absent"] += block["absent"]
+                total.update(block["values"])
+                absent += block["absent"]
+        if len(total) > MAX_DISTINCT:  # header values cannot be counted before reading
+            log.warning("attribute %s has %d distinct values (more than %d): check it is a "
+                        "category before using it", name, len(total), MAX_DISTINCT)
+        order = band_order(name, list(total))
+        out[name] = {**how, "values": {v: total[v] for v in order}, "absent": absent,
+                     "splits": {sp: {"values": {v: b["values"][v] for v in order
+                                                if b["values"][v]}, "absent": b["absent"]}
+                                for sp, b in sorted(splits.items())}}
+    return out
 
 
 def config_change(old: dict | None, new: dict) -> str | None:
@@ -249,7 +296,7 @@ def build_index(journal: Journal, n_inputs: int, fractions: dict, labels: dict |
             skipped[reason] += len(slices)
     modalities = Counter(e["modality"] or "unknown" for e in journal.entries
                          if e["outcome"] == "written")
-    return {
+    index = {
         "format": FORMAT,
         "medssl_version": __version__,
         "created": str(datetime.date.today().year),
@@ -265,3 +312,6 @@ def build_index(journal: Journal, n_inputs: int, fractions: dict, labels: dict |
         "config": journal.config,
         "modalities": dict(sorted(modalities.items())),
     }
+    if journal.config.get("attributes"):
+        index["attributes"] = attributes_index(journal.entries, journal.config["attributes"])
+    return index

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medssl.config import build, read_yaml_tree
+from medssl.data.attributes import AttributeSpec, parse_header_names, parse_specs
 from medssl.errors import ConfigError, MedsslError
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,14 @@ class Recipe:
     split_values: dict[str, str] | None = None
     split_lists: dict[str, str] | None = None
     labels: LabelSpec | None = None
+    # Subgroup attributes from manifest columns: {sex: Sex, age: {column: Age, bins: [...]},
+    # view: ..., site: {column: Site, pseudonym: true}} (medssl.data.attributes.parse_specs).
+    attributes: dict[str, Any] | None = None
+    # Attributes read from DICOM headers, like `medssl shard --attributes`: sex, age, site, scanner.
+    header_attributes: list[str] | None = None
     description: str | None = None
     source: Path | None = field(default=None, init=False, repr=False)
+    attribute_specs: dict[str, AttributeSpec] = field(default_factory=dict, init=False, repr=False)
     dropped: list[ManifestEntry] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,7 +124,12 @@ class Recipe:
             raise ConfigError(f"name: use letters, digits, '-', '_' or '.', got {self.name!r}")
         if self.masks is not None and self.manifest is None:
             raise ConfigError("masks: names a manifest column; set manifest: FILE or drop masks")
+        self.attribute_specs = parse_specs(self.attributes)
+        parse_header_names(self.header_attributes, "header_attributes")
         if self.manifest is None:
+            if self.attributes:
+                raise ConfigError("attributes: map manifest columns, so they need a manifest; "
+                                  "for DICOM headers use header_attributes: [sex, age, site, scanner]")
             if self.labels is not None or self.image_column or self.split_column or self.split_lists:
                 raise ConfigError(
                     "manifest: labels, image_column and splits need a manifest; set manifest: "
@@ -182,8 +194,13 @@ class Recipe:
             return None
         return {"type": self.labels.type, "names": list(self.labels.names)}
 
+    def attributes_info(self) -> dict[str, dict[str, Any]]:
+        """index.json config's view of ``attributes:``: name -> column and coarsening."""
+        return {name: spec.describe() for name, spec in sorted(self.attribute_specs.items())}
+
     def manifest_entries(
-        self, input_dirs: list[Path], check_files: bool = True, include_dropped: bool = False
+        self, input_dirs: list[Path], check_files: bool = True, include_dropped: bool = False,
+        salt: bytes | None = None,
     ) -> list[ManifestEntry]:
         """Read the manifest(s) and return one entry per row, in manifest order.
 
@@ -194,6 +211,11 @@ class Recipe:
         so a reader quarantines it too. Rows the label policy drops (``uncertain: ignore``)
         are left out of the list, counted in the log and kept in ``self.dropped``, unless
         ``include_dropped`` (then they come back with ``quarantine="uncertain_label"``).
+        ``salt`` (the corpus salt, which ``medssl shard`` always passes) makes the pseudonyms of
+        ``pseudonym: true`` attributes; without it those attributes are left out (a pseudonym
+        needs the salt, and the raw value must never stand in for it).
+        A column of ``attributes:`` with more than ``MAX_DISTINCT`` distinct values is refused
+        here, before any shard is written.
         """
         if self.manifest is None:
             raise MedsslError(
@@ -202,12 +224,13 @@ class Recipe:
             )
         if not input_dirs:
             raise MedsslError(f"{self.source or self.name}: give at least one INPUT folder")
+        pseudo = _pseudonymizer(salt) if salt is not None else None
         base = Path(input_dirs[0])
         entries: list[ManifestEntry] = []
         for split, rel in self._manifest_files().items():
             path = _resolve(base, rel)
             root = _resolve(base, self.root) if self.root is not None else path.parent
-            found = _read_entries(self, path, root, split, check_files)
+            found = _read_entries(self, path, root, split, check_files, pseudo)
             if self.masks:
                 _read_masks(self, path, root, found)
             entries += found
@@ -240,7 +263,9 @@ class ManifestEntry:
     slice index inside a volume file when the recipe has ``slice_column`` (one label per
     slice); None means the label applies to the whole file. ``row`` is the 0-based data row in
     ``manifest``. ``quarantine`` names why the row cannot be written (``missing_file``,
-    ``uncertain_label``); such rows must be reported, not written.
+    ``uncertain_label``); such rows must be reported, not written. ``attributes`` holds the
+    recipe's ``attributes:`` already coarsened (bands, pseudonyms; ``view`` as a code string);
+    an attribute whose cell gave no usable value is absent.
     """
 
     path: Path
@@ -252,6 +277,7 @@ class ManifestEntry:
     mask: Path | None = None        # recipe ``masks``: the finding-mask file; None: none
     manifest: Path | None = None
     quarantine: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -316,6 +342,8 @@ def _required_columns(recipe: Recipe) -> dict[str, str]:
             cols[recipe.labels.source_column] = "labels.source_column"
         for c in recipe.labels.columns:
             cols[c] = "labels.columns"
+    for name, spec in recipe.attribute_specs.items():
+        cols.setdefault(spec.column, f"attributes.{name}")
     return cols
 
 
@@ -349,7 +377,7 @@ def _as_id(value: Any) -> str:
 
 
 def _read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
-                  check_files: bool) -> list[ManifestEntry]:
+                  check_files: bool, pseudo=None) -> list[ManifestEntry]:
     table = _read_table(recipe, manifest)
     missing = {c: k for c, k in _required_columns(recipe).items() if c not in table.columns}
     if missing:
@@ -363,6 +391,7 @@ def _read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
     to_split = {str(v): k for k, v in (recipe.split_values or {}).items()}
     pattern = re.compile(recipe.patient_pattern) if recipe.patient_pattern else None
     col = {c: table[c].tolist() for c in _required_columns(recipe)}
+    attrs = manifest_attributes(recipe, manifest, col, pseudo)
     entries = []
     for i, raw in enumerate(col[recipe.image_column]):
         if is_blank(raw):
@@ -406,7 +435,7 @@ def _read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
             reason = "missing_file"
         entries.append(ManifestEntry(path=path, patient_id=patient, label=label, split=row_split,
                                      row=i, slice=slice_index, manifest=manifest,
-                                     quarantine=reason))
+                                     quarantine=reason, attributes=attrs[i]))
     return entries
 
 
@@ -424,6 +453,37 @@ def _read_masks(recipe: Recipe, manifest: Path, root: Path, entries: list[Manife
         )
     for entry, value in zip(entries, table[recipe.masks].tolist()):
         entry.mask = None if is_blank(value) else _resolve(root, str(value).strip())
+def _pseudonymizer(salt: bytes):
+    from medssl.data.deid import Pseudonymizer
+
+    return Pseudonymizer(salt)
+
+
+def manifest_attributes(recipe: Recipe, manifest: Path, col: dict[str, list],
+                        pseudo) -> list[dict[str, str]]:
+    """Per row, the coarsened ``attributes:`` values (absent where a cell gives none); refusals
+    and coarsening are ``attributes.coarsen_column``'s. Absences are logged as counts only."""
+    from medssl.data.attributes import coarsen_column
+
+    n = len(col[recipe.image_column])
+    out: list[dict[str, str]] = [{} for _ in range(n)]
+    rows = _Rows(recipe, manifest)
+    for name, spec in recipe.attribute_specs.items():
+        if spec.pseudonym and pseudo is None:
+            continue  # no salt, no pseudonym (see manifest_entries)
+        where = (f"{manifest}: column {spec.column!r} (recipe {recipe.source or recipe.name}, "
+                 f"attributes.{name})")
+        values = coarsen_column(spec, col[spec.column], pseudo, where,
+                                lambda i, msg, c=spec.column: rows.error(i, c, msg))
+        for i, value in enumerate(values):
+            if value is not None:
+                out[i][name] = value
+        absent = values.count(None)
+        if absent:
+            log.warning("recipe %s: %s: attribute %s absent for %d of %d rows (blank or not "
+                        "usable in column %r)", recipe.name, manifest.name, name, absent, n,
+                        spec.column)
+    return out
 
 
 def _whole(rows: _Rows, i: int, column: str, value: Any) -> int | None:

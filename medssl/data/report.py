@@ -10,7 +10,9 @@ it: source paths can carry patient names) holds one JSON line per input, in inpu
      "detail": "a 60000x60000x1 frame of 16-bit values is 3,600,000,000 pixel values, ..."}
 
 ``skipped`` (only when some slices were left out of a written file) maps a reason to the
-positions of those slices in the order the file is read. ``detail`` is the exception class
+positions of those slices in the order the file is read. ``attributes_absent`` (only when the
+run records attributes and some of this file's samples have none for a name) maps the
+attribute to that number of samples: a blank, non-numeric or implausible source value. ``detail`` is the exception class
 of an unexpected error (``read_error``), or for ``too_large`` what the header claimed: our
 own words and numbers, never text from the file.
 
@@ -58,6 +60,13 @@ def report_line(path: str, entry: dict, detail: str | None = None) -> str:
         line["samples"] = sum(entry["samples"].values())
         if entry.get("skipped"):
             line["skipped"] = entry["skipped"]
+        absent: dict = {}
+        for by_name in (entry.get("attributes") or {}).values():
+            for name, block in by_name.items():
+                if block["absent"]:
+                    absent[name] = absent.get(name, 0) + block["absent"]
+        if absent:  # samples written without that attribute (blank or unusable source value)
+            line["attributes_absent"] = dict(sorted(absent.items()))
     else:
         line["reason"] = entry["reason"]
         if detail:

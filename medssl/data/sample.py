@@ -34,6 +34,8 @@ SAMPLE_META_KEYS = (
     "intensity",       # {"offset": float, "slope": float, "unit": "HU" | None}
     "window",          # {"center": float, "width": float} in modality units, or None
     "label",           # int, or list of 0/1 for multi-label; only when a recipe gives labels
+    "attributes",      # {sex, age band, site, manufacturer, model}: str each, only when asked
+                       #   (medssl.data.attributes: what is read and how it is coarsened)
 )
 
 
@@ -61,6 +63,7 @@ class Slice:
     window: tuple[float, float] | None = None   # (center, width) in modality units
     unit: str | None = None                     # "HU" for CT after the modality LUT
     label: int | list[int] | None = None
+    attributes: dict = field(default_factory=dict)   # coarsened already (data.attributes)
     extra: dict = field(default_factory=dict)   # reader-private; never written
 
     @property

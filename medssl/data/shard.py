@@ -46,6 +46,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from medssl.data.attributes import DEFAULT_AGE_BINS, parse_header_names
 from medssl.data.journal import (
     build_index,
     check_complete,
@@ -121,11 +122,11 @@ def _inputs_digest(salt: bytes, items: list[InputItem]) -> str:
     # Salted, so the index can tell "same inputs" apart without revealing any path. Labels and
     # splits are in it too: a re-run after a manifest edit must not pass as "already complete".
     text = json.dumps([[it.identity, it.patient_id, it.label, it.split, it.slice, it.quarantine]
-                       for it in items])
+                       + ([dict(it.attributes)] if it.attributes else []) for it in items])
     return hmac.new(salt, text.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
-def _collect_inputs(args: argparse.Namespace):
+def _collect_inputs(args: argparse.Namespace, salt: bytes | None = None):
     """(items, recipe) from the recipe's manifest, or from discovered files."""
     recipe = None
     if getattr(args, "recipe", None):
@@ -134,10 +135,11 @@ def _collect_inputs(args: argparse.Namespace):
         recipe = load_recipe(args.recipe)
     if recipe is not None and recipe.manifest is not None:
         # include_dropped: rows the label policy drops are reported, not silently skipped
-        entries = recipe.manifest_entries(list(args.inputs), include_dropped=True)
+        entries = recipe.manifest_entries(list(args.inputs), include_dropped=True, salt=salt)
         wants_masks = getattr(args, "masks_out", None) is not None
         items = [InputItem(i, str(e.path), patient_id=str(e.patient_id), label=e.label,
                            split=e.split, slice=e.slice, quarantine=e.quarantine,
+                           attributes=tuple(sorted(e.attributes.items())),
                            mask=(str(e.mask) if e.mask else "") if wants_masks else None)
                  for i, e in enumerate(entries)]
     else:
@@ -148,6 +150,24 @@ def _collect_inputs(args: argparse.Namespace):
     if not items:
         raise MedsslError(f"shard: no input files found under {', '.join(map(str, args.inputs))}")
     return items, recipe
+
+
+def _attributes_config(recipe, header: tuple[str, ...]) -> dict:
+    """index.json config's ``attributes``: name -> where it comes from and how it is coarsened
+    (``{"from": "column", "column": ..., "bins": ...}`` or ``{"from": "header"}``). A recipe
+    column wins over the header for the same name."""
+    if recipe is not None:
+        header = tuple(dict.fromkeys(header + parse_header_names(recipe.header_attributes,
+                                                                 "header_attributes")))
+    out: dict = {}
+    for name in header:
+        out[name] = {"from": "header"}
+        if name == "age":
+            out[name]["bins"] = list(DEFAULT_AGE_BINS)
+    if recipe is not None:
+        for name, info in recipe.attributes_info().items():
+            out[name] = {"from": "column", **info}
+    return dict(sorted(out.items()))
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -179,7 +199,9 @@ def shard_command(args: argparse.Namespace) -> int:
     report = report_path(args)
     out = Path(args.out)
     salt, new_salt = deid.resolve_salt(args.salt_file, out)
-    items, recipe = _collect_inputs(args)
+    header = parse_header_names(getattr(args, "attributes", None))
+    items, recipe = _collect_inputs(args, salt)
+    attributes = _attributes_config(recipe, header)
     masks = _masks_plan(args, recipe, items)
     config = {
         "splits": fractions, "max_side": args.max_side, "shard_size": args.shard_size,
@@ -190,6 +212,8 @@ def shard_command(args: argparse.Namespace) -> int:
         "inputs": {"count": len(items),
                    "digest": _inputs_digest(salt, items)},
     }
+    if attributes:  # only then: folders made without attributes keep their config
+        config["attributes"] = attributes
     marker = None
     if masks is not None:
         from medssl.data.masks import check_masks_out, masks_marker
@@ -204,7 +228,7 @@ def shard_command(args: argparse.Namespace) -> int:
             if marker is not None and not masks_done:
                 # A finished folder asked for its masks: read the inputs again (no shard is
                 # touched; the worker is deterministic, so keys and grids are the shards').
-                _close_masks(_mask_writer(args, marker, items, _job(args, salt, fractions),
+                _close_masks(_mask_writer(args, marker, items, _job(args, salt, fractions, config),
                                           len(items)), args.masks_out)
             return finish(index, report, args.max_bad, already=True)
         if new_salt is not None:
@@ -223,10 +247,14 @@ def _masks_plan(args: argparse.Namespace, recipe, items: list[InputItem]) -> lis
     return [it.mask for it in items]
 
 
-def _job(args: argparse.Namespace, salt: bytes, fractions: dict) -> Job:
+def _job(args: argparse.Namespace, salt: bytes, fractions: dict, config: dict) -> Job:
+    """What every worker needs to read an input the way this folder's config says."""
+    recorded = config.get("attributes") or {}
     return Job(salt=salt, fractions=fractions, axis=args.axis,
                allow_burned_in=bool(args.allow_burned_in), max_side=args.max_side,
-               max_pixels=args.max_pixels)
+               max_pixels=args.max_pixels,
+               header_attributes=tuple(n for n, v in recorded.items() if v.get("from") == "header"),
+               recorded=tuple(recorded))
 
 
 def _mask_writer(args: argparse.Namespace, marker: bytes, items: list[InputItem], job: Job,
@@ -263,7 +291,7 @@ def _run(args: argparse.Namespace, out: Path, report: Path, config: dict,
                                          counter, journal.add_shard)
         return writers[split]
 
-    job = _job(args, salt, fractions)
+    job = _job(args, salt, fractions, config)
     masks = None if marker is None else _mask_writer(args, marker, items, job, restart)
     with open(report, "w", encoding="utf-8") as rep:
         for entry in journal.entries:  # inputs finished before an interruption

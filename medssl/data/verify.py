@@ -4,7 +4,8 @@ A shard folder is copied to clusters and shared, so before training on it (or pu
 model card that cites it) this recomputes what the writer promised: every listed shard exists
 with its recorded size (``bytes``, absent from indexes older than that field) and hashes to
 its recorded sha256, holds the recorded number of samples and only its own split,
-carries only allowed members (``img.png``, ``json``, ``cls``) with allow-listed metadata, no
+carries only allowed members (``img.png``, ``json``, ``cls``) with allow-listed metadata (and
+``attributes`` holding only known names with short categorical values, ages as bands), no
 unlisted shard lies beside them, per-split counts add up, and no patient is in two splits.
 
 Members are read with ``tarfile`` directly rather than WebDataset because the check is about
@@ -19,6 +20,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+from medssl.data.attributes import attribute_problems
 from medssl.data.sample import SAMPLE_META_KEYS
 from medssl.data.shards import read_index
 from medssl.io import sha256_file
@@ -77,6 +79,8 @@ def _check_meta(name: str, key: str, raw: bytes, split: str,
     extra = sorted(set(meta) - set(SAMPLE_META_KEYS))
     if extra:
         problems.append(f"{name}: sample {key} json has keys outside the allow-list: {extra}")
+    if "attributes" in meta:
+        problems += [f"{name}: sample {key} json {p}" for p in attribute_problems(meta["attributes"])]
     patient = meta.get("patient")
     if not isinstance(patient, str) or not patient:
         problems.append(f"{name}: sample {key} json has no patient pseudonym")

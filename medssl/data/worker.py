@@ -51,6 +51,7 @@ class InputItem:
     slice: int | None = None        # keep only this slice of a volume (recipe slice_column)
     mask: str | None = None         # recipe masks: its mask file, '' none; None: not asked
     quarantine: str | None = None   # known before reading: a recipe row, a discovery problem
+    attributes: tuple[tuple[str, str], ...] = ()   # recipe columns, coarsened (name, value)
 
     @property
     def identity(self) -> str:
@@ -70,6 +71,8 @@ class Job:
     allow_burned_in: bool
     max_side: int
     max_pixels: int
+    header_attributes: tuple[str, ...] = ()   # read from DICOM headers (attributes module)
+    recorded: tuple[str, ...] = ()            # every attribute the run records (for counts)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Encoded:
     split: str
     patient: str
     mask: np.ndarray | None = None  # bool [H, W] finding mask (--masks-out); never in a shard
+    attributes: dict[str, str | None] = field(default_factory=dict)  # recorded name -> value
 
 
 @dataclass
@@ -131,6 +135,8 @@ def encode_slice(sl: sample_mod.Slice, pseudo, item: InputItem, slice_no: int, j
         sl.patient_id = item.patient_id
     if item.label is not None:
         sl.label = item.label
+    if job.recorded:
+        _set_attributes(sl, item, job, pseudo)
     if sl.pixels.ndim == 2:
         stored, offset, slope = sample_mod.encode_intensity(sl.pixels)
         intensity = {"offset": offset, "slope": slope}
@@ -149,9 +155,26 @@ def encode_slice(sl: sample_mod.Slice, pseudo, item: InputItem, slice_no: int, j
     cls = str(label).encode("ascii") if isinstance(label, int) else None
     key = pseudo.sample_key(patient, item.identity, slice_no)
     png = sample_mod.encode_png(stored)
+    stored_attrs = meta.get("attributes") or {}
+    counted = {n: meta.get("view") if n == "view" else stored_attrs.get(n) for n in job.recorded}
     return Encoded(key=key, png=png,
                    meta=json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
-                   cls=cls, split=split, patient=patient)
+                   cls=cls, split=split, patient=patient, attributes=counted)
+
+
+def _set_attributes(sl: sample_mod.Slice, item: InputItem, job: Job, pseudo) -> None:
+    """Header attributes (only those asked for), then the recipe's columns over them; the view
+    goes to the contract's top-level field. The raw header strings stay in ``sl.extra``."""
+    from medssl.data.attributes import header_attributes
+
+    found = {}
+    if job.header_attributes:
+        found = header_attributes(sl.extra.get("header") or {}, job.header_attributes, pseudo)
+    found.update(dict(item.attributes))
+    view = found.pop("view", None)
+    if view is not None:
+        sl.view = view
+    sl.attributes = found
 
 
 def _non_finite(pixels: np.ndarray) -> bool:

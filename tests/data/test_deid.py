@@ -215,7 +215,7 @@ def test_sample_metadata_allow_list_and_types():
         study_id="1.2", series_id="1.3", modality="CT", body_part="CHEST", view="PA",
         pixel_spacing=(np.float64(0.5), np.float32(0.25)), slice_index=np.int64(7),
         window=(np.float32(40), 400), unit="HU", label=np.array([0, 1, 1]),
-        extra={"secret": CANARY},
+        attributes={"sex": "F", "age": "40-59"}, extra={"secret": CANARY},
     )
     meta = sample_metadata(s, pseudo, {"offset": np.float64(-1024), "slope": 1})
     assert set(meta) == set(SAMPLE_META_KEYS)
@@ -224,13 +224,15 @@ def test_sample_metadata_allow_list_and_types():
     assert meta["intensity"] == {"offset": -1024.0, "slope": 1.0, "unit": "HU"}
     assert meta["window"] == {"center": 40.0, "width": 400.0} and meta["label"] == [0, 1, 1]
     assert meta["channels"] == 1 and type(meta["slice_index"]) is int
+    assert meta["attributes"] == {"age": "40-59", "sex": "F"}
     _assert_clean(json.dumps(meta))
 
     rgb = Slice(pixels=np.zeros((2, 2, 3), np.uint8), patient_id="pid", source="x",
                 modality="ot", body_part="Head^Neck", view="V" * 17, window=(10, 0),
                 pixel_spacing=(float("nan"), 1.0))
     meta = sample_metadata(rgb, pseudo)
-    assert "label" not in meta and meta["channels"] == 3 and meta["intensity"] is None
+    assert "label" not in meta and "attributes" not in meta
+    assert meta["channels"] == 3 and meta["intensity"] is None
     assert meta["modality"] is meta["body_part"] is meta["view"] is None
     assert meta["window"] is None and meta["pixel_spacing"] is None
     assert meta["study"] is None and meta["series"] is None
