@@ -75,6 +75,7 @@ def run_demo(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     corpus, shards = out / "corpus", out / "shards"
     run_dir, published, bench = out / "pretrain", out / "published", out / "benchmark"
+    masks = out / "masks.npz"
 
     # The corpus is synthetic, so a fixed salt is harmless, and it makes the patient splits --
     # and so the demo's table -- the same on every machine. Real data gets a secret salt.
@@ -91,6 +92,7 @@ def run_demo(out: Path) -> int:
             "shard", str(corpus), "--out", str(shards),
             "--recipe", str(root / "datasets" / "recipes" / "demo.yaml"), "--workers", "2",
             "--shard-size", "64", "--splits", DEMO_SPLITS, "--salt-file", str(salt),
+            "--masks-out", str(masks),   # where the findings are: the explanations' truth
         ]),
         ("pretrain SimCLR on efficientnet_lite0", [
             "pretrain", str(root / "configs" / "demo.yaml"),
@@ -102,6 +104,7 @@ def run_demo(out: Path) -> int:
             f"output_dir={bench}",
             f"inits=[ssl:{published}, imagenet, random]",
             f"tasks=[{{name: demo, kind: shards, path: {shards}}}]",
+            f"evaluation.explain.masks={masks}",
         ]),
         ("add the results to the model card", [
             "publish", str(run_dir), "--out", str(published),
