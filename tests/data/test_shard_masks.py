@@ -36,9 +36,16 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def recipe(tmp_path) -> Path:
-    """demo.yaml with the synth corpus's mask column named."""
-    path = tmp_path / "demo_masks.yaml"
-    path.write_text(RECIPE.read_text().replace("\nlabels:", "\nmasks: mask\nlabels:", 1))
+    """demo.yaml, which names the synth corpus's mask column."""
+    assert "\nmasks: mask" in RECIPE.read_text()
+    return RECIPE
+
+
+def _without_masks(tmp_path) -> Path:
+    """demo.yaml with its masks: key taken out."""
+    path = tmp_path / "demo_no_masks.yaml"
+    lines = [line for line in RECIPE.read_text().splitlines() if not line.startswith("masks:")]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -196,7 +203,7 @@ def test_masks_out_refusals_name_the_file_before_any_work(case, corpus, recipe, 
         target = tmp_path / "masks.csv"
         match = "name a .npz file"
     elif case == "no_column":
-        extra = ["--recipe", RECIPE]
+        extra = ["--recipe", _without_masks(tmp_path)]
         match = "needs a --recipe whose masks: key"
     else:
         other = tmp_path / "other"
@@ -220,7 +227,7 @@ def test_a_bad_mask_quarantines_its_image_and_says_why(corpus, salt, tmp_path):
     cells = rows[broken].split(",")
     (scans / cells[header.index("mask")]).write_bytes(b"not a png")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(RECIPE.read_text().replace("\nlabels:", "\nmasks: mask\nlabels:", 1))
+    recipe.write_text(_without_masks(tmp_path).read_text().replace("\nlabels:", "\nmasks: mask\nlabels:", 1))
     out = tmp_path / "out"
     assert run_shard(scans, out, salt, "--recipe", recipe, "--masks-out", tmp_path / "m.npz") == 0
     report = [json.loads(line) for line in (tmp_path / "out.report.jsonl").read_text().splitlines()]
@@ -240,13 +247,13 @@ def test_recipe_masks_key_is_checked_and_masks_are_never_scans(corpus, tmp_path)
     with pytest.raises(ConfigError, match="masks: names a manifest column"):
         load_recipe(bad)
     missing = tmp_path / "missing.yaml"
-    missing.write_text(RECIPE.read_text().replace("\nlabels:", "\nmasks: outline\nlabels:", 1))
+    missing.write_text(_without_masks(tmp_path).read_text().replace("\nlabels:", "\nmasks: outline\nlabels:", 1))
     with pytest.raises(MedsslError, match=r"labels.csv: no column 'outline'.*key masks"):
         load_recipe(missing).manifest_entries([corpus])
     entries = load_recipe(missing.parent / "missing.yaml").labels_info()
     assert entries is not None  # the labels are untouched by the masks key
     good = tmp_path / "good.yaml"
-    good.write_text(RECIPE.read_text().replace("\nlabels:", "\nmasks: mask\nlabels:", 1))
+    good.write_text(_without_masks(tmp_path).read_text().replace("\nlabels:", "\nmasks: mask\nlabels:", 1))
     rows = load_recipe(good).manifest_entries([corpus])
     with_mask = [e for e in rows if e.mask is not None]
     assert with_mask and all(e.mask.is_file() and e.mask.name.endswith(".mask.png") for e in with_mask)
