@@ -91,7 +91,7 @@ def merge_parts(cfg) -> int:
         source = CellStore(part)
         for key, row in source.rows.items():
             if key not in store:
-                store.add(row, source.scores(key))
+                store.add(row, source.scores(key), source.val_scores(key))
                 copied += 1
     log.info("merged %d new cells from %d parts into %s", copied, len(elements(cfg)), out)
     return copied
