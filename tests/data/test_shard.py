@@ -40,13 +40,6 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def salt(tmp_path) -> Path:
-    path = tmp_path / "test.salt"
-    path.write_bytes(bytes(range(32)))
-    return path
-
-
 def run_shard(inputs, out, salt, *extra) -> int:
     return main(["shard", *map(str, inputs), "--out", str(out), "--salt-file", str(salt),
                  "--splits", SPLITS, *map(str, extra)])

@@ -49,13 +49,6 @@ def _without_masks(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture
-def salt(tmp_path) -> Path:
-    path = tmp_path / "test.salt"
-    path.write_bytes(bytes(range(32)))
-    return path
-
-
 def run_shard(corpus, out, salt, *extra) -> int:
     return main(["shard", str(corpus), "--out", str(out), "--salt-file", str(salt),
                  "--splits", SPLITS, "--shard-size", "4", *map(str, extra)])

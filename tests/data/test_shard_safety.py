@@ -24,13 +24,6 @@ from medssl.lock import LOCK_NAME
 CT = Path(get_testdata_file("CT_small.dcm"))
 
 
-@pytest.fixture
-def salt(tmp_path) -> Path:
-    path = tmp_path / "test.salt"
-    path.write_bytes(bytes(range(32)))
-    return path
-
-
 def shard(inputs, out, *extra, salt=None) -> int:
     salt_args = ["--salt-file", str(salt)] if salt is not None else []
     return main(["shard", *map(str, inputs), "--out", str(out), *salt_args,
