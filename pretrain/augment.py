@@ -147,6 +147,17 @@ def gaussian_noise(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> t
     return x + noise * std.view(b, 1, 1, 1).to(x.dtype)
 
 
+PARTNER = "partner_"   # batch keys of the second image of a same-patient pair (pretrain/data.py)
+
+
+def view_source(batch: dict[str, torch.Tensor], v: int) -> dict[str, torch.Tensor]:
+    """The image view ``v`` is cut from: even views from ``image``, odd views from the pair's
+    other image (``partner_image``, ...) when the batch carries one (data.positives)."""
+    if v % 2 and PARTNER + "image" in batch:
+        return {k: batch[PARTNER + k] for k in ("image", "offset", "slope", "center", "width")}
+    return batch
+
+
 class GpuAugment:
     """Callable that turns a loader batch into ``n_views`` normalised, augmented views.
 
@@ -164,9 +175,9 @@ class GpuAugment:
     def __call__(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
         cfg = self.cfg
         views = []
-        for _ in range(self.n_views):
-            x = window_to_unit(batch["image"], batch["offset"], batch["slope"], batch["center"],
-                               batch["width"], cfg, g)
+        for v in range(self.n_views):
+            src = view_source(batch, v)
+            x = window_to_unit(src["image"], src["offset"], src["slope"], src["center"], src["width"], cfg, g)
             x = crop_flip_rotate(x, cfg.crop_size, cfg, g)
             x = intensity(x, cfg, g)
             x = gaussian_blur(x, cfg, g)

@@ -103,6 +103,11 @@ class Pretrainer:
         self.augment = GpuAugment(cfg.augment, self.spec.n_views, cfg.train.channels_last)
         self.generator = torch.Generator(device=accelerator.device)
         self.check_grads = accelerator.mixed_precision != "fp16"  # fp16: the scaler skips infs
+        # The method's optional hooks (pretrain/methods/__init__.py).
+        self._before_update = getattr(model, "before_optimizer_step", None)
+        self._after_update = getattr(model, "after_optimizer_step", None)
+        self.check_health = getattr(model, "check_health", None)
+        self.monitors: dict[str, torch.Tensor] = {}
 
     def step(self, batches: list[Any], step: int, augment: bool = True,
              stop: bool = False) -> tuple[torch.Tensor, bool, bool]:
@@ -122,23 +127,33 @@ class Pretrainer:
         acc, cfg = self.accelerator, self.cfg
         torch.manual_seed(step_seed(cfg.seed, step, acc.process_index))
         self.generator.manual_seed(step_seed(cfg.seed + 1, step, acc.process_index))
-        losses = []
+        losses, monitors = [], {}
         for i, batch in enumerate(batches):
+            groups = None
             if augment:
                 batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                 views = self.augment(batch, self.generator)
+                groups = batch.get("group")   # patient ids when data.positives pairs images
             else:
                 views = batch
             sync = i == len(batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                loss = self.model(views)["loss"]
+                out = self.model(views, groups)
+                loss = out["loss"]
+                for key, value in out.items():
+                    if key != "loss":
+                        monitors.setdefault(key, []).append(value.detach().float())
                 if step + 1 in cfg.debug.nan_at_steps:  # numbered as logged (1-based)
                     loss = loss * float("nan")
                 acc.backward(loss / len(batches))
             losses.append(loss.detach().float())
         loss = torch.stack(losses).mean()
+        # Device tensors, read by the loop only at log steps (no host sync here).
+        self.monitors = {key: torch.stack(values).mean() for key, values in monitors.items()}
         max_norm = cfg.train.clip_grad_norm or float("inf")
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self._before_update is not None:
+            self._before_update(step)
         finite = torch.isfinite(loss)
         if self.check_grads and grad_norm is not None:
             finite = finite & torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))
@@ -149,6 +164,8 @@ class Pretrainer:
         bad, stop_all = flags.tolist()
         if not bad:
             self.optimizer.step()
+            if self._after_update is not None:
+                self._after_update(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss, not bad, bool(stop_all)
@@ -293,6 +310,7 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
     step, bad_streak = start, 0
     skipped = int(ckpt.get("skipped_steps", 0)) if ckpt else 0
     t_log, n_log = time.perf_counter(), 0
+    monitor_sums: dict[str, torch.Tensor] = {}
     stopped = False
 
     def checkpoint() -> None:
@@ -336,6 +354,8 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
             with torch.no_grad():
                 next(trainer.unwrapped.parameters()).view(-1)[0] = float("nan")
         n_log += 1
+        for key, value in trainer.monitors.items():
+            monitor_sums[key] = monitor_sums.get(key, 0) + value
         if finite:
             bad_streak = 0
         else:
@@ -360,7 +380,10 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
                    "samples_per_s": n_log * cfg.train.batch_size / max(elapsed, 1e-9),
                    "epoch": step / epoch_steps if not math.isnan(epoch_steps) else None,
                    "skipped_steps": skipped}
-            t_log, n_log = time.perf_counter(), 0
+            for key, total in sorted(monitor_sums.items()):   # same keys on every rank
+                row[key] = accelerator.reduce(total / n_log, reduction="mean").item()
+            t_log, n_log, monitor_sums = time.perf_counter(), 0, {}
+            failure = trainer.check_health(row) if trainer.check_health is not None else None
             if main:
                 metrics.write(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
@@ -368,6 +391,9 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
                     # No step=: after a resume wandb would drop steps it already saw from
                     # the interrupted run; "step" is in the row for the x-axis instead.
                     run.log(row)
+            if failure:   # every rank saw the same reduced row, so every rank stops here
+                bar.close()
+                raise MedsslError(f"step {step}: {failure}; last good checkpoint: {last_good}")
         # Every rank must agree to stop (the flag rode the step's all-reduce), or one would
         # wait forever in the next collective.
         stopped = stop_all and step < cfg.train.max_steps

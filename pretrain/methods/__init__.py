@@ -1,10 +1,21 @@
 """Registry of SSL methods: each pairs a model with its augmentation and optimizer defaults.
 
 A method is one file in this folder that decorates a builder with ``@register_method``. The
-builder returns an ``nn.Module`` whose ``forward(views)`` takes a list of augmented batches
-``[B, C, H, W]`` (``n_views`` of them) and returns a dict of scalar losses with ``"loss"`` the
-one to minimise. Its module must expose ``backbone`` (the timm model, ``num_classes=0``) so the
-checkpoint's ``backbone.`` prefix yields a plain timm state dict.
+builder returns an ``nn.Module`` with this contract (the trainer, pretrain/trainer.py, is its
+only caller):
+
+- ``forward(views, groups=None)``: ``views`` is the list of augmented batches ``[B, C, H, W]``
+  (``n_views`` of them; sizes may differ, e.g. DINO's local crops), ``groups`` an int64 ``[B]``
+  patient id per sample when ``data.positives`` pairs images of one patient (else None).
+  Returns a dict of detached-or-not scalars: ``"loss"`` is minimised, every other key is a
+  monitor averaged over the log interval and written to metrics.jsonl and wandb.
+- optional ``before_optimizer_step(step)``: after backward and clipping, before the update
+  (e.g. cancel gradients of a frozen layer); ``step`` is 0-based.
+- optional ``after_optimizer_step(step)``: after an applied update (e.g. an EMA teacher).
+- optional ``check_health(row) -> str | None``: given each logged metrics row, a message
+  when training has failed beyond repair (e.g. collapse); the run stops with it.
+- ``backbone``: the timm model (``num_classes=0``) that is published, so the checkpoint's
+  ``backbone.`` prefix yields a plain timm state dict.
 """
 
 from __future__ import annotations

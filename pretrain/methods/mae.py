@@ -57,7 +57,8 @@ class MAE(nn.Module):
         )
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * vit.patch_embed.proj.in_channels)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         """``views``: one ``[B, C, H, W]`` batch -> ``{"loss": MSE on masked patches}``."""
         (images,) = views
         b = images.shape[0]

@@ -35,7 +35,8 @@ class SimCLR(nn.Module):
         # gather_distributed: negatives come from every rank's batch, as in the paper.
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
 
-    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         """``views``: two ``[B, C, H, W]`` batches of the same images -> ``{"loss": scalar}``."""
         x0, x1 = views
         # One backbone pass over both views: BatchNorm sees 2B samples, and it is faster.
