@@ -1,21 +1,34 @@
-"""Pretraining throughput: is the step fed? One run measures, in samples per second:
+"""Pretraining throughput per method: is the step fed? Each measurement, in samples per second:
 
-1. bare      - a plain PyTorch loop (forward, backward, optimizer step) of the same SSL module on
-               ready views already on the device: the yardstick for "no lower than";
+1. bare      - a plain PyTorch loop (forward, backward, the method's own update hooks such as
+               DINO's EMA, optimizer step) of the same SSL module on ready views already on
+               the device: the yardstick for "no lower than";
 2. model     - our training step (``Pretrainer.step``: accumulation, clipping, all-rank finite
                check, schedule) on the same ready views;
-3. model+aug - our step on a uint16 batch already on the device, augmented on the device;
-4. end2end   - our step fed from real shards through the CPU loader and device augmentation.
+3. aug       - the device augmentation alone (every view of a loader batch), to show where
+               time goes when model+aug falls behind model;
+4. model+aug - our step on a loader batch already on the device, augmented on the device;
+5. end2end   - our step fed from real shards through the CPU loader and device augmentation.
 
-and prints ``end2end / model`` (target: >= 0.90 on a 16-core, one-GPU node for ResNet-50
-SimCLR at 224 px, batch 256) and ``model / bare`` (target: >= 1.0).
+It prints ``model / bare`` (target >= 1.0) and ``end2end / bare`` (target >= 0.90 on one GPU,
+bf16, compiled), and ``end2end / model``. ``--preset`` runs the issue's methods at their real
+sizes (``--tiny`` shrinks them for a CPU); the ready views have exactly the shapes the
+augmentation produces, so DINO's multi-crop and MICLe's same-patient pairs are measured as
+they train:
 
-    # GPU node, full size (shards generated into a temp dir unless --shards is given)
-    python benchmarks/throughput.py --device cuda --arch resnet50 --batch 256 --size 224 \\
-        --load-size 256 --workers 15 --steps 50 --compile
-    # CPU, tiny
-    python benchmarks/throughput.py --device cpu --arch resnet10t --batch 16 --size 32 \\
-        --load-size 40 --workers 1 --steps 5 --warmup 2
+    simclr  SimCLR, ResNet-50, 2 x 224 px
+    mae     MAE, ViT-B/16, 224 px, 75% masked
+    dino    DINO, ViT-S/16, 2 x 224 px global + 6 x 96 px local crops
+    micle   SimCLR on same-patient pairs (data.positives=same_patient), ResNet-50, 2 x 224 px
+
+    # GPU node, every method, full size (shards generated into a temp dir unless --shards)
+    python benchmarks/throughput.py --preset all --device cuda --batch 256 --load-size 256 \
+        --workers 15 --steps 40 --compile
+    # CPU, every method, tiny
+    OMP_NUM_THREADS=1 python benchmarks/throughput.py --preset all --tiny --device cpu \
+        --batch 16 --load-size 40 --workers 1 --steps 10 --warmup 2 --precision no
+    # one custom configuration
+    python benchmarks/throughput.py --method simclr --arch resnet10t --size 32 --set augment.blur_p=0
 """
 
 from __future__ import annotations
@@ -28,28 +41,64 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medssl.config import load_config  # noqa: E402
-from medssl.logging import setup_logging  # noqa: E402
-from pretrain.config import PretrainConfig  # noqa: E402
-from pretrain.resolve import resolve_method_defaults  # noqa: E402
+from medssl.config import load_config
+from medssl.logging import setup_logging
+from pretrain.config import PretrainConfig
+from pretrain.resolve import resolve_method_defaults
 
 log = logging.getLogger("medssl.benchmark")
 
 
+class Preset(NamedTuple):
+    """One method at the size the issue measures it, and its tiny CPU stand-in."""
+
+    method: str
+    arch: str
+    size: int
+    overrides: tuple[str, ...] = ()
+    tiny_arch: str = "resnet10t"
+    tiny_overrides: tuple[str, ...] = ()
+
+
+_TINY_VIT = "model.kwargs={patch_size: 8, depth: 2}"
+PRESETS = {
+    "simclr": Preset("simclr", "resnet50", 224),
+    "mae": Preset("mae", "vit_base_patch16_224", 224, tiny_arch="vit_tiny_patch16_224",
+                  tiny_overrides=(_TINY_VIT, "method.decoder_dim=32", "method.decoder_depth=1",
+                                  "method.decoder_heads=4")),
+    "dino": Preset("dino", "vit_small_patch16_224", 224,
+                   overrides=("augment.local_crops=6", "augment.local_crop_size=96"),
+                   tiny_arch="vit_tiny_patch16_224",
+                   tiny_overrides=("model.kwargs={patch_size: 8, depth: 2, dynamic_img_size: true}",
+                                   "augment.local_crops=6", "augment.local_crop_size=16",
+                                   "method.head_hidden_dim=64", "method.head_bottleneck_dim=32",
+                                   "method.head_output_dim=256")),
+    "micle": Preset("simclr", "resnet50", 224, overrides=("data.positives=same_patient",)),
+}
+TINY_SIZE = 32
+IMAGES_PER_PATIENT = 4   # generated shards: consecutive slices of one patient, as `medssl shard` writes
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", help=f"comma list of {', '.join(PRESETS)}, or all; overrides "
+                                    "--method/--arch/--size")
+    p.add_argument("--tiny", action="store_true", help="presets at CPU size (32 px, tiny models)")
     p.add_argument("--method", default="simclr")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--in-chans", type=int, default=1)
     p.add_argument("--model-kwargs", default="{}", help="JSON timm kwargs, e.g. '{\"patch_size\": 8}'")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra pretrain config override (repeatable), e.g. data.positives=same_patient")
     p.add_argument("--batch", type=int, default=256, help="batch per step (one process)")
     p.add_argument("--size", type=int, default=224, help="crop size fed to the model (px)")
     p.add_argument("--load-size", type=int, default=256, help="size the CPU loader emits (px)")
@@ -67,11 +116,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-samples", type=int, default=128, help="samples per generated shard")
     p.add_argument("--skip", default="", help="comma list of measurements to skip: bare,model,aug,e2e")
     p.add_argument("--json", type=Path, help="also write the figures here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.preset:
+        names = list(PRESETS) if args.preset == "all" else args.preset.split(",")
+        unknown = [n for n in names if n not in PRESETS]
+        if unknown:
+            p.error(f"--preset: unknown {', '.join(unknown)}; known: {', '.join(PRESETS)}, all")
+        args.preset = names
+    return args
 
 
 def make_shards(out: Path, n_shards: int, per_shard: int, size: int, seed: int = 0) -> str:
-    """Random CT-like uint16 slices in the real shard format (format only; content is noise)."""
+    """Random CT-like uint16 slices in the real shard format (format only; content is noise),
+    ``IMAGES_PER_PATIENT`` consecutive slices per patient so same-patient pairing has partners."""
     import webdataset as wds
 
     from medssl.data.sample import encode_intensity, encode_png
@@ -84,8 +141,10 @@ def make_shards(out: Path, n_shards: int, per_shard: int, size: int, seed: int =
             for i in range(per_shard):
                 hu = np.where(body, rng.normal(40, 60, (size, size)), -1000).astype(np.int16)
                 stored, offset, slope = encode_intensity(hu)
+                patient = (s * per_shard + i) // IMAGES_PER_PATIENT
                 meta = {"modality": "CT", "channels": 1, "window": {"center": 40.0, "width": 400.0},
-                        "intensity": {"offset": offset, "slope": slope, "unit": "HU"}}
+                        "intensity": {"offset": offset, "slope": slope, "unit": "HU"},
+                        "patient": f"{patient:016x}", "study": f"{patient:016x}-0"}
                 sink.write({"__key__": f"b{s:04d}-{i:08d}", "img.png": encode_png(stored),
                             "json": json.dumps(meta).encode()})
     shards = {f"train-{s:06d}.tar": {"split": "train", "samples": per_shard} for s in range(n_shards)}
@@ -109,97 +168,125 @@ def timed(fn: Callable[[int], Any], warmup: int, steps: int, batch: int, device:
     return steps * batch / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
-    setup_logging()
-    if args.device == "cpu":
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    skip = set(filter(None, args.skip.split(",")))
-    tmp = tempfile.TemporaryDirectory(prefix="medssl-bench-")
-    shards = args.shards
-    if shards is None and "e2e" not in skip:
-        n = args.gen_shards or 2 * max(1, args.workers)
-        log.info("writing %d shards x %d random %d px slices to %s", n, args.gen_samples, args.load_size, tmp.name)
-        shards = make_shards(Path(tmp.name), n, args.gen_samples, args.load_size)
-    cfg = resolve_method_defaults(load_config(PretrainConfig, None, [
-        f"output_dir={tmp.name}/run", f"data.shards={shards or 'unused'}", f"method.name={args.method}",
-        f"model.arch={args.arch}", f"model.in_chans={args.in_chans}", f"model.kwargs={args.model_kwargs}",
-        f"augment.crop_size={args.size}", f"data.load_size={args.load_size}",
+def run_config(args: argparse.Namespace, shards: str, out: str, preset: Preset | None) -> PretrainConfig:
+    """The pretrain config one measurement runs: the preset (or --method/--arch/--size), then --set."""
+    if preset is None:
+        method, arch, size = args.method, args.arch, args.size
+        extra = [f"model.kwargs={args.model_kwargs}"]
+    elif args.tiny:
+        method, arch, size, extra = preset.method, preset.tiny_arch, TINY_SIZE, list(preset.tiny_overrides)
+    else:
+        method, arch, size, extra = preset.method, preset.arch, preset.size, list(preset.overrides)
+    return resolve_method_defaults(load_config(PretrainConfig, None, [
+        f"output_dir={out}", f"data.shards={shards}", f"method.name={method}",
+        f"model.arch={arch}", f"model.in_chans={args.in_chans}",
+        f"augment.crop_size={size}", f"data.load_size={max(args.load_size, size)}",
         f"data.num_workers={args.workers}", f"train.batch_size={args.batch}",
         f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}",
         "train.channels_last=true", "train.max_steps=1000000", "data.shuffle_buffer=256",
+        *extra, *args.set,
     ]))
 
+
+def measure(args: argparse.Namespace, cfg: PretrainConfig, shards: str) -> dict[str, float]:
+    """Every kind not in --skip for one config, best of --rounds interleaved rounds."""
     from accelerate import Accelerator
 
     from pretrain.data import build_loader, resolve_shards
     from pretrain.optim import build_optimizer
     from pretrain.trainer import Pretrainer, _precision
 
+    skip = set(filter(None, args.skip.split(",")))
     accelerator = Accelerator(mixed_precision=_precision(cfg.train.precision), cpu=args.device == "cpu")
     device = accelerator.device
     trainer = Pretrainer(cfg, accelerator)
-    n_views, b, c, s = trainer.spec.n_views, args.batch, args.in_chans, args.size
-    views = [torch.randn(b, c, s, s, device=device).contiguous(memory_format=torch.channels_last)
-             for _ in range(n_views)]
-    results: dict[str, float] = {}
+    b = cfg.train.batch_size
+    loader = build_loader(resolve_shards(shards), rank=0, world_size=1, local_batch=b, seed=0,
+                          data_cfg=cfg.data, in_chans=cfg.model.in_chans, skip_batches=0,
+                          pin_memory=device.type == "cuda")
+    it = iter(loader)
+    # One real loader batch on the device: its keys (a pair's partner image, patient groups)
+    # and the views it augments to (DINO's local crops) are what the method trains on.
+    batch = {k: v.to(device) for k, v in next(it).items()}
+    groups = batch.get("group")
+    generator = torch.Generator(device=device).manual_seed(0)
+    views = [torch.randn_like(v) for v in trainer.augment(batch, generator)]
+    log.info("device %s, precision %s, %s %s, batch %d, views %s, compile=%s", device,
+             accelerator.mixed_precision, cfg.method.name, cfg.model.arch, b,
+             "+".join(f"{v.shape[-1]}px" for v in views), cfg.train.compile)
     kinds: dict[str, Callable[[int], Any]] = {}
-    log.info("device %s, precision %s, %s %s, batch %d at %d px, compile=%s", device,
-             accelerator.mixed_precision, args.method, args.arch, b, s, args.compile)
 
     if "bare" not in skip:
-        bare = resolve_method_defaults(cfg).train
         module = trainer.spec.build(cfg).to(device, memory_format=torch.channels_last)
-        optimizer = build_optimizer(module, bare)
+        optimizer = build_optimizer(module, cfg.train)
+        before = getattr(module, "before_optimizer_step", None)
+        after = getattr(module, "after_optimizer_step", None)
         if args.compile:
             module.compile()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
-        def bare_step(_: int) -> None:
+        def bare_step(i: int) -> None:
             ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
             with ctx:
-                loss = module(views)["loss"]
+                loss = module(views, groups)["loss"]
             loss.backward()
+            if before is not None:
+                before(i)
             optimizer.step()
+            if after is not None:
+                after(i)
             optimizer.zero_grad(set_to_none=True)
 
         kinds["bare"] = bare_step
-
     if "model" not in skip:
         kinds["model"] = lambda i: trainer.step([views], i, augment=False)
-
     if "aug" not in skip:
-        stored = torch.randint(0, 2000, (b, c, args.load_size, args.load_size), dtype=torch.int16, device=device)
-        batch = {"image": stored, "offset": torch.full((b,), -1024.0, device=device),
-                 "slope": torch.ones(b, device=device), "center": torch.full((b,), 40.0, device=device),
-                 "width": torch.full((b,), 400.0, device=device)}
+        kinds["aug"] = lambda i: trainer.augment(batch, generator)
         kinds["model+aug"] = lambda i: trainer.step([batch], i)
-
     if "e2e" not in skip:
-        urls = resolve_shards(shards)
-        loader = build_loader(urls, rank=0, world_size=1, local_batch=b, seed=0, data_cfg=cfg.data,
-                              in_chans=c, skip_batches=0, pin_memory=device.type == "cuda")
-        it = iter(loader)
         kinds["end2end"] = lambda i: trainer.step([next(it)], i)
 
+    results: dict[str, float] = {}
     for r in range(args.rounds):
         for name, fn in kinds.items():
             rate = timed(fn, args.warmup if r == 0 else 1, args.steps, b, device)
             log.info("round %d: %s %.1f samples/s", r + 1, name, rate)
             results[name] = max(rate, results.get(name, 0.0))
+    for num, den in (("model", "bare"), ("end2end", "bare"), ("end2end", "model")):
+        if num in results and den in results:
+            results[f"{num}/{den}"] = results[num] / results[den]
+    return results
 
-    if "model" in results and "end2end" in results:
-        results["end2end/model"] = results["end2end"] / results["model"]
-    if "model" in results and "bare" in results:
-        results["model/bare"] = results["model"] / results["bare"]
-    summary = "  ".join(f"{k}={v:.3f}" if "/" in k else f"{k}={v:.1f}/s" for k, v in results.items())
-    print(f"throughput [{device.type}, {args.method} {args.arch}, batch {b}, {s}px, "
-          f"{args.workers} workers, compile={args.compile}]: {summary}")
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Measure every preset (or the one --method configuration); returns figures by name."""
+    args = parse_args(argv)
+    setup_logging()
+    if args.device == "cpu":
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    tmp = tempfile.TemporaryDirectory(prefix="medssl-bench-")
+    shards = args.shards
+    if shards is None:
+        n = args.gen_shards or 2 * max(1, args.workers)
+        size = max(args.load_size, TINY_SIZE if args.tiny else args.size)
+        log.info("writing %d shards x %d random %d px slices to %s", n, args.gen_samples, size, tmp.name)
+        shards = make_shards(Path(tmp.name), n, args.gen_samples, size)
+    names = args.preset or [args.method]
+    figures: dict[str, dict[str, float]] = {}
+    for name in names:
+        cfg = run_config(args, shards, f"{tmp.name}/run-{name}", PRESETS[name] if args.preset else None)
+        results = figures[name] = measure(args, cfg, shards)
+        views = f"{cfg.augment.crop_size}px"
+        if getattr(cfg.augment, "local_crops", 0):
+            views += f" + {cfg.augment.local_crops}x{cfg.augment.local_crop_size}px"
+        summary = "  ".join(f"{k}={v:.3f}" if "/" in k else f"{k}={v:.1f}/s" for k, v in results.items())
+        print(f"throughput [{args.device}, {name}: {cfg.method.name} {cfg.model.arch} {views}, "
+              f"batch {cfg.train.batch_size}, {args.workers} workers, compile={args.compile}]: {summary}")
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results},
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": figures},
                                         indent=1, default=str))
     tmp.cleanup()
-    return results
+    return figures
 
 
 if __name__ == "__main__":

@@ -1,22 +1,30 @@
-"""benchmarks/throughput.py runs end to end on CPU at tiny size and reports every figure."""
+"""benchmarks/throughput.py runs end to end on CPU at tiny size and reports every figure, per method."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
+KINDS = {"bare", "model", "aug", "model+aug", "end2end", "model/bare", "end2end/bare", "end2end/model"}
 
 
-def test_throughput_tiny_cpu(tmp_path: Path):
+def _bench():
     spec = importlib.util.spec_from_file_location("throughput", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--device", "cpu", "--batch", "8", "--load-size", "40", "--workers", "1", "--steps", "1",
+        "--warmup", "1", "--rounds", "1", "--gen-samples", "16", "--precision", "no"]
+
+
+def test_throughput_one_config(tmp_path: Path):
     out = tmp_path / "t.json"
-    results = module.main(["--device", "cpu", "--arch", "resnet10t", "--batch", "8", "--size", "32",
-                           "--load-size", "40", "--workers", "1", "--steps", "2", "--warmup", "1",
-                           "--rounds", "1", "--gen-samples", "16", "--precision", "no", "--json", str(out)])
-    assert set(results) == {"bare", "model", "model+aug", "end2end", "end2end/model", "model/bare"}
-    assert all(v > 0 for v in results.values())
+    figures = _bench().main([*TINY, "--arch", "resnet10t", "--size", "32", "--json", str(out)])
+    results = figures["simclr"]
+    assert set(results) == KINDS and all(v > 0 for v in results.values())
     assert results["end2end/model"] == results["end2end"] / results["model"]
-    assert out.is_file()
+    assert json.loads(out.read_text())["results"]["simclr"] == results
