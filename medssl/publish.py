@@ -99,7 +99,7 @@ def publish_command(
     medssl_block = {
         "steps": entry.step, "git_sha": record.git_sha, "medssl_version": __version__,
         "modality": modality, "window": intensity.window, "intensity": intensity.pipeline,
-        "source_index_sha256": index_sha,
+        "source_index_sha256": index_sha, "started_from": record.started_from,
         "pretraining_data": [{"split": s.split, "index_sha256": s.index_sha256,
                               "salt_id": s.salt_id, "shards": s.shards, "samples": s.samples}
                              for s in sources],
@@ -116,6 +116,7 @@ def publish_command(
         medssl_version=__version__, index=index, index_sha256=index_sha, sources=sources,
         results=results_data, repo_id=push_to_hub, model_args=timm_args,
         hashed_patients={s.index_sha256: len(s.hashes) for s in patients.sources} if patients else {},
+        started_from=record.started_from,
     ))
 
     out.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,8 @@ class RunRecord:
     starts: list[Start] = field(default_factory=list)
     #: What the latest start derived from the config: peak_lr, precision, world_size, local_batch.
     resolved: dict[str, Any] = field(default_factory=dict)
+    #: The backbone's weights at step 0 in words (pretrain/init.py); None in older records.
+    started_from: str | None = None
     format: str = FORMAT
 
     def latest_sources(self) -> list[ShardSource]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from medssl.errors import ConfigError
+from medssl.init import Init
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -49,10 +50,18 @@ class ModelConfig:
     arch: str = "resnet50"                 # any timm model name
     in_chans: int = 1                      # 1 for grayscale scans (native, no channel copies), 3 for RGB
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    # Where the backbone starts (pretrain/init.py): random | imagenet (continued pretraining
+    # from ImageNet weights) | ssl:DIR (a `medssl publish` dir). A resumed run ignores it.
+    init: str = "random"
+    imagenet_weights: str | None = None    # a local ImageNet weights file; else the Hub cache or a package
 
     def __post_init__(self) -> None:
         _check(self.in_chans in (1, 3), f"model.in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}")
         _check(bool(self.arch), "model.arch must name a timm model, e.g. resnet50")
+        try:
+            Init.parse(self.init)
+        except ConfigError as exc:
+            raise ConfigError(f"model.{exc}") from None
 
 
 @dataclass

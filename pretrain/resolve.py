@@ -5,7 +5,8 @@ before the run dir is touched. It fills each ``None`` in ``augment`` and ``train
 method's registry entry, then checks that the model can be built and run: ``model.arch`` must
 be a timm model, and the method is built and its backbone given one batch on PyTorch's meta
 device (shapes only, no memory, no arithmetic), so a MAE on a ResNet, an unknown arch or a crop size a ViT's
-patch size does not divide exits 2 with one line, having written nothing.
+patch size does not divide exits 2 with one line, having written nothing; so does a
+``model.init`` whose weights cannot be had here (pretrain/init.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 
 from medssl.errors import ConfigError
 from pretrain.config import AugmentConfig, PretrainConfig
+from pretrain.init import check_init
 from pretrain.methods import MethodSpec, available_methods, get_method
 
 
@@ -21,6 +23,7 @@ def resolve_config(cfg: PretrainConfig) -> PretrainConfig:
     """``cfg`` with the method's defaults filled in, checked to build and run; ConfigError else."""
     cfg = resolve_method_defaults(cfg)
     check_model(cfg, get_method(cfg.method.name))
+    check_init(cfg)
     return cfg
 
 

@@ -43,6 +43,7 @@ from pretrain.data import (
     summarize_intensity,
     worker_shards,
 )
+from pretrain.init import load_init
 from pretrain.methods import BACKBONE_PREFIX, get_method
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.resolve import resolve_config
@@ -212,6 +213,9 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
                         "differs from an uninterrupted run", world, cfg.data.num_workers,
                         layout.get("world_size"), layout.get("num_workers"))
         log.info("resuming from %s (step %d)", latest, start)
+        started_from = None   # recorded at the run's first start
+    else:
+        started_from = load_init(trainer.unwrapped, cfg)
 
     record = None
     if main:
@@ -219,6 +223,8 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
         augment_record = trainer.augment.record()
         data_intensity = summarize_intensity(urls)
         record = record_start(run_plan, cfg, world, augment_record, data_intensity)
+        if started_from is not None:
+            record.started_from = started_from
         resolved = {"world_size": world, "local_batch": local_batch,
                     "precision": accelerator.mixed_precision, "peak_lr": scaled_lr(cfg.train)}
         record.resolved = resolved

@@ -6,8 +6,11 @@ It runs the same commands a user would, in order, each into its own folder under
     medssl shard   out/corpus --out out/shards --recipe datasets/recipes/demo.yaml
     medssl pretrain configs/demo.yaml output_dir=out/pretrain data.shards=out/shards
     medssl publish out/pretrain --out out/published
+    medssl pretrain configs/demo_from_imagenet.yaml output_dir=out/pretrain-from-imagenet ...
+    medssl publish out/pretrain-from-imagenet --out out/published-from-imagenet
     medssl finetune configs/finetune/demo.yaml output_dir=out/benchmark ...
     medssl publish out/pretrain --out out/published --results out/benchmark/results.json
+    (and the same for out/published-from-imagenet)
 
 Every stage is resumable, so re-running the demo after an interruption finishes the job
 instead of starting over.
@@ -75,6 +78,8 @@ def run_demo(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     corpus, shards = out / "corpus", out / "shards"
     run_dir, published, bench = out / "pretrain", out / "published", out / "benchmark"
+    # Continued pretraining: the same recipe, started from ImageNet weights.
+    run_dir_in, published_in = out / "pretrain-from-imagenet", out / "published-from-imagenet"
     masks = out / "masks.npz"
 
     # The corpus is synthetic, so a fixed salt is harmless, and it makes the patient splits --
@@ -99,15 +104,24 @@ def run_demo(out: Path) -> int:
             f"output_dir={run_dir}", f"data.shards={shards}",
         ]),
         ("publish the weights", ["publish", str(run_dir), "--out", str(published)]),
-        ("benchmark SSL vs ImageNet vs random", [
+        ("continue SimCLR from ImageNet weights", [
+            "pretrain", str(root / "configs" / "demo_from_imagenet.yaml"),
+            f"output_dir={run_dir_in}", f"data.shards={shards}",
+        ]),
+        ("publish those weights", ["publish", str(run_dir_in), "--out", str(published_in)]),
+        ("benchmark SSL, ImageNet then SSL, ImageNet and random", [
             "finetune", str(root / "configs" / "finetune" / "demo.yaml"),
             f"output_dir={bench}",
-            f"inits=[ssl:{published}, imagenet, random]",
+            f"inits=[ssl:{published}, ssl:{published_in}, imagenet, random]",
             f"tasks=[{{name: demo, kind: shards, path: {shards}}}]",
             f"evaluation.explain.masks={masks}",
         ]),
         ("add the results to the model card", [
             "publish", str(run_dir), "--out", str(published),
+            "--results", str(bench / "results.json"),
+        ]),
+        ("add the results to the second model card", [
+            "publish", str(run_dir_in), "--out", str(published_in),
             "--results", str(bench / "results.json"),
         ]),
     ]
