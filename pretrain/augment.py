@@ -21,6 +21,7 @@ clamp to [0, 1] -> normalise with ``(x - mean) / std``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -159,34 +160,41 @@ def view_source(batch: dict[str, torch.Tensor], v: int) -> dict[str, torch.Tenso
 
 
 class GpuAugment:
-    """Callable that turns a loader batch into ``n_views`` normalised, augmented views.
+    """Callable that turns a loader batch into ``n_views`` normalised, augmented views, then
+    ``augment.local_crops`` smaller ones (multi-crop), all from the one decoded image.
 
     ``batch``: dict with ``image`` ``[B, C, L, L]`` (uint16 stored values as int32, or uint8
     RGB) and ``offset``, ``slope``, ``center``, ``width`` ``[B]`` float (modality units).
-    Returns a list of ``n_views`` float tensors ``[B, C, crop_size, crop_size]`` with
-    ``(x - mean) / std`` applied, where x in [0, 1] is the windowed, augmented image.
+    Returns a list of float tensors, ``n_views`` of ``[B, C, crop_size, crop_size]`` then
+    ``local_crops`` of ``[B, C, local_crop_size, local_crop_size]``, with ``(x - mean) / std``
+    applied, where x in [0, 1] is the windowed, augmented image. Local crop ``i`` is cut from
+    the image view ``i`` would be (``view_source``): with same-patient pairs, half the local
+    crops come from each image.
     """
 
     def __init__(self, cfg: AugmentConfig, n_views: int, channels_last: bool = False):
         self.cfg = cfg
         self.n_views = n_views
         self.channels_last = channels_last
+        # Local crops differ from global ones only in size and area: the same functions.
+        self.local_cfg = dataclasses.replace(cfg, scale=cfg.local_scale)
 
     def __call__(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
-        cfg = self.cfg
-        views = []
-        for v in range(self.n_views):
-            src = view_source(batch, v)
-            x = window_to_unit(src["image"], src["offset"], src["slope"], src["center"], src["width"], cfg, g)
-            x = crop_flip_rotate(x, cfg.crop_size, cfg, g)
-            x = intensity(x, cfg, g)
-            x = gaussian_blur(x, cfg, g)
-            x = gaussian_noise(x, cfg, g)
-            x = (x.clamp_(0, 1) - cfg.mean) / cfg.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            views.append(x)
-        return views
+        plan = [(v, self.cfg.crop_size, self.cfg) for v in range(self.n_views)]
+        plan += [(i, self.cfg.local_crop_size, self.local_cfg) for i in range(self.cfg.local_crops)]
+        return [self._view(view_source(batch, v), size, cfg, g) for v, size, cfg in plan]
+
+    def _view(self, src: dict[str, torch.Tensor], size: int, cfg: AugmentConfig,
+              g: torch.Generator) -> torch.Tensor:
+        x = window_to_unit(src["image"], src["offset"], src["slope"], src["center"], src["width"], cfg, g)
+        x = crop_flip_rotate(x, size, cfg, g)
+        x = intensity(x, cfg, g)
+        x = gaussian_blur(x, cfg, g)
+        x = gaussian_noise(x, cfg, g)
+        x = (x.clamp_(0, 1) - cfg.mean) / cfg.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def record(self) -> dict[str, object]:
         """What the run's ``config.yaml`` records about intensities (for publish and finetune)."""

@@ -66,7 +66,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simclr"                   # simclr | mae (see pretrain/methods)
+    name: str = "simclr"                   # simclr | mae | dino (see pretrain/methods)
     # SimCLR
     temperature: float = 0.1            # SimCLR: NT-Xent softmax temperature
     proj_hidden_dim: int = 2048          # SimCLR: projection head hidden width
@@ -77,16 +77,36 @@ class MethodConfig:
     decoder_depth: int = 8               # MAE: decoder blocks
     decoder_heads: int = 16              # MAE: decoder attention heads
     norm_pix_loss: bool = True           # MAE: regress per-patch normalised pixels
+    # DINO
+    head_hidden_dim: int = 2048          # DINO: head MLP width
+    head_bottleneck_dim: int = 256       # DINO: head bottleneck (L2-normalised) width
+    head_output_dim: int = 65536         # DINO: prototypes (softmax width)
+    teacher_temp: float = 0.04           # DINO: teacher softmax temperature after warm-up
+    warmup_teacher_temp: float = 0.04    # DINO: teacher temperature at step 0
+    warmup_teacher_temp_steps: int = 0   # DINO: linear warm-up of the teacher temperature
+    student_temp: float = 0.1            # DINO: student softmax temperature
+    center_momentum: float = 0.9         # DINO: EMA of the teacher-output centre
+    momentum_teacher: float = 0.996      # DINO: EMA momentum at step 0, cosine to 1 at max_steps
+    freeze_last_layer_steps: int = 0     # DINO: steps the head's last layer stays fixed
+    collapse_std_min: float = 0.05       # DINO: collapse floor, as a fraction of 1/sqrt(d)
+    collapse_patience: int = 5           # DINO: logged rows under the floor before the run stops
 
     def __post_init__(self) -> None:
         # The name is checked against the registry by pretrain/resolve.py: a config module
         # that imported the methods would make config and methods one import circle.
         _check(self.temperature > 0, "method.temperature must be > 0 (SimCLR uses ~0.1-0.5)")
         _check(0.0 < self.mask_ratio < 1.0, f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        for key in ("proj_hidden_dim", "proj_output_dim", "decoder_dim", "decoder_depth", "decoder_heads"):
+        for key in ("proj_hidden_dim", "proj_output_dim", "decoder_dim", "decoder_depth", "decoder_heads",
+                    "head_hidden_dim", "head_bottleneck_dim", "head_output_dim", "collapse_patience"):
             _check(getattr(self, key) >= 1, f"method.{key} must be >= 1")
         _check(self.decoder_dim % self.decoder_heads == 0,
                "method.decoder_dim must be divisible by method.decoder_heads")
+        for key in ("teacher_temp", "warmup_teacher_temp", "student_temp"):
+            _check(getattr(self, key) > 0, f"method.{key} must be > 0")
+        for key in ("center_momentum", "momentum_teacher"):
+            _check(0 <= getattr(self, key) <= 1, f"method.{key} must be in [0, 1]")
+        for key in ("warmup_teacher_temp_steps", "freeze_last_layer_steps", "collapse_std_min"):
+            _check(getattr(self, key) >= 0, f"method.{key} must be >= 0")
 
 
 @dataclass
@@ -109,6 +129,11 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] | None = None   # px at crop_size
     noise_p: float | None = None                # probability of added Gaussian noise
     noise_std: float | None = None              # max Gaussian noise std, in [0,1] display units
+    # Multi-crop (DINO): local crops cut on the device from the same decoded image, after the
+    # two global ones; the CPU loader does not change with their number.
+    local_crops: int = 0                        # local crops per image (0: none)
+    local_crop_size: int = 96                   # their side in px
+    local_scale: tuple[float, float] = (0.05, 0.4)   # their area as a fraction of the loaded image
     mean: float = 0.5                           # normalisation after windowing to [0,1]
     std: float = 0.25                           # normalisation: (x - mean) / std
 
@@ -132,6 +157,11 @@ class AugmentConfig:
             _check(0 < self.blur_sigma[0] <= self.blur_sigma[1],
                    f"augment.blur_sigma must be 0 < min <= max, got {self.blur_sigma}")
         _check(self.std > 0, "augment.std must be > 0")
+        _check(self.local_crops >= 0, "augment.local_crops must be >= 0")
+        _check(not self.local_crops or 8 <= self.local_crop_size <= self.crop_size,
+               f"augment.local_crop_size must be in [8, crop_size={self.crop_size}], got {self.local_crop_size}")
+        lo, hi = self.local_scale
+        _check(0 < lo <= hi <= 1, f"augment.local_scale must satisfy 0 < min <= max <= 1, got {self.local_scale}")
 
 
 @dataclass

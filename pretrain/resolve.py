@@ -47,6 +47,9 @@ def resolve_method_defaults(cfg: PretrainConfig) -> PretrainConfig:
         lr=train.lr if train.lr is not None else spec.lr[optimizer if optimizer in spec.lr else "default"],
         weight_decay=train.weight_decay if train.weight_decay is not None else spec.weight_decay,
     )
+    if aug["local_crops"] and not spec.multi_crop:
+        raise ConfigError(f"augment.local_crops={aug['local_crops']}: method {spec.name!r} takes no local "
+                          "crops (multi-crop is DINO's); set augment.local_crops=0")
     model = cfg.model
     if spec.fixed_input_size:
         size = aug["crop_size"]

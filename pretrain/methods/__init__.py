@@ -9,6 +9,8 @@ only caller):
   patient id per sample when ``data.positives`` pairs images of one patient (else None).
   Returns a dict of detached-or-not scalars: ``"loss"`` is minimised, every other key is a
   monitor averaged over the log interval and written to metrics.jsonl and wandb.
+- optional ``after_backbone_init()``: after ``model.init`` loaded weights into ``backbone``
+  (pretrain/init.py), e.g. to start a second copy of it (DINO's student) equal.
 - optional ``before_optimizer_step(step)``: after backward and clipping, before the update
   (e.g. cancel gradients of a frozen layer); ``step`` is 0-based.
 - optional ``after_optimizer_step(step)``: after an applied update (e.g. an EMA teacher).
@@ -30,7 +32,7 @@ from torch import nn
 from pretrain.config import PretrainConfig
 
 #: Modules imported on first use; a new method is one more file and one more name here.
-_METHOD_MODULES = ("pretrain.methods.simclr", "pretrain.methods.mae")
+_METHOD_MODULES = ("pretrain.methods.simclr", "pretrain.methods.mae", "pretrain.methods.dino")
 
 BACKBONE_PREFIX = "backbone."
 
@@ -47,6 +49,8 @@ class MethodSpec:
     # The model is built for exactly augment.crop_size (ViT position embeddings): recorded as
     # model.kwargs.img_size so the saved config rebuilds the same timm model (publish needs it).
     fixed_input_size: bool = False
+    # Takes augment.local_crops extra views after its n_views global ones (DINO's multi-crop).
+    multi_crop: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -61,6 +65,7 @@ def register_method(
     weight_decay: float,
     augment: dict[str, Any],
     fixed_input_size: bool = False,
+    multi_crop: bool = False,
 ) -> Callable[[Callable[[PretrainConfig], nn.Module]], Callable[[PretrainConfig], nn.Module]]:
     """Decorator: register ``build(cfg) -> nn.Module`` under ``name`` with its defaults."""
 
@@ -68,7 +73,7 @@ def register_method(
         if name in _REGISTRY:
             raise ValueError(f"SSL method {name!r} registered twice")
         _REGISTRY[name] = MethodSpec(name, build, n_views, optimizer, dict(lr), weight_decay, dict(augment),
-                                     fixed_input_size)
+                                     fixed_input_size, multi_crop)
         return build
 
     return wrap

@@ -20,6 +20,11 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
 
+#: DINO at debug size: a small head, two 16 px local crops beside the two 32 px global ones.
+TINY_DINO = ["method.name=dino", "method.head_hidden_dim=64", "method.head_bottleneck_dim=32",
+             "method.head_output_dim=128", "augment.local_crops=2", "augment.local_crop_size=16",
+             "train.lr=0.005"]
+
 
 def synthetic_ct(rng: np.random.Generator, size: int) -> np.ndarray:
     """``[size, size]`` int16 HU: air, a body ellipse of soft tissue, a few bright blobs."""

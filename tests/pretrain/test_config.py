@@ -29,7 +29,7 @@ def test_shipped_configs_load(name: str, method: str, arch: str):
 @pytest.mark.parametrize("override, needle", [
     ("model.in_chans=2", "model.in_chans"),
     ("augment.crop_size=64", "augment.crop_size 64 must be <= data.load_size"),
-    ("method.name=byol", "method.name must be one of mae | simclr"),
+    ("method.name=byol", "method.name must be one of dino | mae | simclr"),
     ("train.grad_accum=3", "train.grad_accum"),
     ("augment.hflip_p=1.5", "augment.hflip_p"),
     ("train.optimizer=adam", "train.optimizer must be one of"),
