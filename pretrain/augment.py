@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from medssl.sample import resolve_window
 from medssl.sample import window_to_unit as window_to_unit_core
 from pretrain.config import AugmentConfig
+from pretrain.pairs import PARTNER
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -148,7 +149,6 @@ def gaussian_noise(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> t
     return x + noise * std.view(b, 1, 1, 1).to(x.dtype)
 
 
-PARTNER = "partner_"   # batch keys of the second image of a same-patient pair (pretrain/data.py)
 
 
 def view_source(batch: dict[str, torch.Tensor], v: int) -> dict[str, torch.Tensor]:

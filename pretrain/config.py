@@ -35,6 +35,10 @@ class DataConfig:
     # Shard check before step 1 (pretrain/shardcheck.py): quick = exists, size, tar-header
     # sample count against index.json; full = also sha256 (cached per run dir by size+mtime).
     verify: Literal["quick", "full"] = "quick"
+    # Positive pairs (pretrain/pairs.py): two views of one image, or of two images of one
+    # patient (MICLe) / of one patient's study (MedAug), where the patient has several.
+    positives: Literal["same_image", "same_patient", "same_study"] = "same_image"
+    pair_buffer: int = 1000        # patients waiting for a second image, per worker
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "data.num_workers must be >= 0 (0 reads in the main process)")
@@ -43,6 +47,7 @@ class DataConfig:
         _check(self.shuffle_initial >= 1, "data.shuffle_initial must be >= 1")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
         _check(self.max_bad_samples >= 0, "data.max_bad_samples must be >= 0")
+        _check(self.pair_buffer >= 1, "data.pair_buffer must be >= 1")
 
 
 @dataclass

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from medssl.data.sample import decode_image
 from medssl.data.shards import list_shards
 from medssl.errors import MedsslError
+from pretrain.pairs import PARTNER, same_patient_pairs
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,19 @@ def load_sample(sample: dict[str, Any], load_size: int) -> dict[str, Any]:
     }
 
 
+_SCALARS = ("offset", "slope", "center", "width")
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        **{k: torch.tensor([s[k] for s in samples], dtype=torch.float32)
-           for k in ("offset", "slope", "center", "width")},
-    }
+    batch = {"image": torch.stack([s["image"] for s in samples]),
+             **{k: torch.tensor([s[k] for s in samples], dtype=torch.float32) for k in _SCALARS}}
+    if "group" in samples[0]:   # same-patient pairs (data.positives)
+        batch[PARTNER + "image"] = torch.stack([s[PARTNER + "image"] for s in samples])
+        batch.update({PARTNER + k: torch.tensor([s[PARTNER + k] for s in samples], dtype=torch.float32)
+                      for k in _SCALARS})
+        batch["group"] = torch.tensor([s["group"] for s in samples], dtype=torch.int64)
+        batch["pair_cross"] = torch.tensor([s["pair_cross"] for s in samples], dtype=torch.float32)
+    return batch
 
 
 class ShardStream(IterableDataset):
@@ -116,7 +124,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, rank: int, world_size: int, num_workers: int, seed: int,
                  batch_size: int, load_size: int, in_chans: int, shuffle_buffer: int,
-                 shuffle_initial: int, max_bad_samples: int, skip_batches: int = 0):
+                 shuffle_initial: int, max_bad_samples: int, skip_batches: int = 0,
+                 positives: str = "same_image", pair_buffer: int = 1000):
         super().__init__()
         self.slices = worker_shards(urls, rank, world_size, num_workers)
         self._urls = frozenset(urls)
@@ -124,6 +133,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.load_size, self.in_chans = batch_size, load_size, in_chans
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_bad_samples, self.skip_batches = max_bad_samples, skip_batches
+        self.positives, self.pair_buffer = positives, pair_buffer
         self.bad_samples: set[tuple[str, str]] = set()   # (shard, sample key or error) seen bad
 
     @property
@@ -167,24 +177,43 @@ class ShardStream(IterableDataset):
         samples = wds.tarfile_samples(self._shard_cycle(worker), handler=self._on_error)
         rng = random.Random(f"samples-{self.seed}-{self.rank}-{worker}")
         samples = wds.filters._shuffle(iter(samples), self.shuffle_buffer, self.shuffle_initial, rng=rng)
+        paired = self.positives != "same_image"
+        if paired:   # pairs, not samples, are what a batch holds and what a resume skips
+            samples = same_patient_pairs(samples, self.positives, self.pair_buffer)
         skip = batches_before(self.skip_batches, worker, self.num_workers) * self.batch_size
         samples = itertools.islice(samples, skip, None)
         batch: list[dict[str, Any]] = []
-        for raw in samples:
-            try:
-                item = load_sample(raw, self.load_size)
-            except MedsslError:
-                raise
-            except Exception as exn:  # noqa: BLE001  a corrupt PNG or json: counted, bounded, never silent
-                self._on_error(exn, raw)
+        for entry in samples:
+            item = self._decode_pair(*entry) if paired else self._decode(entry)
+            if item is None:
                 continue
-            if item["image"].shape[0] != self.in_chans:
-                raise MedsslError(f"{raw.get('__url__', 'shard')}: sample has {item['image'].shape[0]} "
-                                  f"channels but model.in_chans={self.in_chans}; set model.in_chans")
             batch.append(item)
             if len(batch) == self.batch_size:
                 yield collate(batch)
                 batch = []
+
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
+        """One raw sample -> tensors; None (counted) when it cannot be decoded."""
+        try:
+            item = load_sample(raw, self.load_size)
+        except MedsslError:
+            raise
+        except Exception as exn:  # noqa: BLE001  a corrupt PNG or json: counted, bounded, never silent
+            self._on_error(exn, raw)
+            return None
+        if item["image"].shape[0] != self.in_chans:
+            raise MedsslError(f"{raw.get('__url__', 'shard')}: sample has {item['image'].shape[0]} "
+                              f"channels but model.in_chans={self.in_chans}; set model.in_chans")
+        return item
+
+    def _decode_pair(self, first: dict[str, Any], second: dict[str, Any], group: int) -> dict[str, Any] | None:
+        item = self._decode(first)
+        other = item if second is first else self._decode(second)
+        if item is None or other is None:
+            return None
+        item.update({PARTNER + k: other[k] for k in ("image", *_SCALARS)})
+        item["group"], item["pair_cross"] = group, float(second is not first)
+        return item
 
 
 def build_loader(urls: list[str], *, rank: int, world_size: int, local_batch: int, seed: int,
@@ -195,6 +224,7 @@ def build_loader(urls: list[str], *, rank: int, world_size: int, local_batch: in
         batch_size=local_batch, load_size=data_cfg.load_size, in_chans=in_chans,
         shuffle_buffer=data_cfg.shuffle_buffer, shuffle_initial=data_cfg.shuffle_initial,
         max_bad_samples=data_cfg.max_bad_samples, skip_batches=skip_batches,
+        positives=data_cfg.positives, pair_buffer=data_cfg.pair_buffer,
     )
     extra: dict[str, Any] = {}
     if data_cfg.num_workers > 0:

@@ -135,6 +135,8 @@ class Pretrainer:
                 batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                 views = self.augment(batch, self.generator)
                 groups = batch.get("group")   # patient ids when data.positives pairs images
+                if "pair_cross" in batch:     # how many pairs really are two different images
+                    monitors.setdefault("cross_image_pairs", []).append(batch["pair_cross"].mean())
             else:
                 views = batch
             sync = i == len(batches) - 1

@@ -68,7 +68,7 @@ class DINO(nn.Module):
         self._step = 0
         self._collapsed_rows = 0    # consecutive logged rows below the floor since this start
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: ANN001
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._step = int(self.schedule_step)
         return result

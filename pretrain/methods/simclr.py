@@ -13,6 +13,7 @@ from torch import nn
 
 from pretrain.config import PretrainConfig
 from pretrain.methods import register_method
+from pretrain.methods.ntxent import masked_ntxent
 
 # Sized for windowed medical intensities, not ImageNet colour: a tight window jitter and mild
 # intensity changes keep tissue contrast meaningful; small rotations because scans are
@@ -34,14 +35,18 @@ class SimCLR(nn.Module):
         self.projection_head = SimCLRProjectionHead(backbone.num_features, hidden_dim, output_dim)
         # gather_distributed: negatives come from every rank's batch, as in the paper.
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
+        self.temperature = temperature
 
     def forward(self, views: list[torch.Tensor], groups: torch.Tensor | None = None
                 ) -> dict[str, torch.Tensor]:
-        """``views``: two ``[B, C, H, W]`` batches of the same images -> ``{"loss": scalar}``."""
+        """``views``: two ``[B, C, H, W]`` batches of the same images (or of two images of one
+        patient, with ``groups`` their patient ids) -> ``{"loss": scalar}``."""
         x0, x1 = views
         # One backbone pass over both views: BatchNorm sees 2B samples, and it is faster.
         z = self.projection_head(self.backbone(torch.cat([x0, x1])))
         z0, z1 = z.float().chunk(2)
+        if groups is not None:   # same-patient pairs: that patient's other images are no negatives
+            return {"loss": masked_ntxent(z0, z1, groups, self.temperature)}
         return {"loss": self.criterion(z0, z1)}
 
 

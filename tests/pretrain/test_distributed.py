@@ -26,12 +26,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["simclr", "dino"])
+@pytest.mark.parametrize("method", ["simclr", "dino", "micle"])
 def test_two_ranks_stay_in_sync_and_resume_in_one(shard_dir: Path, tmp_path: Path, cli_env: dict, method: str):
     out = tmp_path / "run"
     args = [str(REPO / "configs" / "debug.yaml"), f"data.shards={shard_dir}", f"output_dir={out}",
             "data.num_workers=2", "train.max_steps=4", "train.checkpoint_every=2",
-            *(TINY_DINO if method == "dino" else [])]
+            *{"simclr": [], "dino": TINY_DINO, "micle": ["data.positives=same_patient"]}[method]]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
               f"--master_port={_free_port()}", "-m", "pretrain", *args, "debug.dump_rank_weights=true"]
     done = subprocess.run(launch, env=cli_env, cwd=REPO, capture_output=True, text=True, timeout=400)
