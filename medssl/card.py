@@ -49,6 +49,7 @@ class CardInfo:
     #: index sha256 -> patients hashed into pretraining_patients.json (medssl/leakage/patients.py)
     hashed_patients: dict[str, int] = field(default_factory=dict)
     started_from: str | None = None      # the backbone's weights at step 0 (run.json)
+    checkpoint: dict[str, Any] | None = None   # {"step", "chosen_by", "rankme"} (medssl publish)
 
 
 def build_card(info: CardInfo) -> ModelCard:
@@ -184,9 +185,19 @@ def _training(info: CardInfo) -> str:
                 "warmup_steps", "precision"):
         if key in info.train and isinstance(info.train[key], (int, float, str)):
             rows.append((f"train.{key}", info.train[key]))
+    if info.checkpoint is not None:
+        rows.append(("checkpoint", _checkpoint_words(info.checkpoint)))
     rows.append(("medssl git sha", info.git_sha))
     table = "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows)
     return f"## Training\n\n| setting | value |\n|---|---|\n{table}\n"
+
+
+def _checkpoint_words(chosen: dict[str, Any]) -> str:
+    rankme = chosen.get("rankme")
+    score = f"RankMe {rankme:.2f}" if isinstance(rankme, (int, float)) else "no RankMe recorded"
+    how = {"latest": "the newest", "best-rankme": "the highest RankMe on the val batch of those kept",
+           "step": "chosen by step"}.get(chosen.get("chosen_by"), str(chosen.get("chosen_by")))
+    return f"step {chosen.get('step')}: {how} ({score})"
 
 
 def _results(results: Results | None) -> str:

@@ -44,6 +44,7 @@ from medssl.rundir import (
     load_checkpoint,
     newest_intact,
     nonfinite_tensors,
+    best_rankme,
     read_record,
     record_path,
 )
@@ -57,14 +58,21 @@ _TRAINING_ONLY_KWARGS = ("in_chans", "num_classes", "pretrained", "drop_rate", "
 
 
 def publish_command(
-    run_dir: Path, out: Path, push_to_hub: str | None = None, results: Path | None = None
+    run_dir: Path, out: Path, push_to_hub: str | None = None, results: Path | None = None,
+    checkpoint: str = "latest",
 ) -> int:
-    """Publish the newest checkpoint of ``run_dir`` into ``out``; optionally push it. Returns 0."""
+    """Publish a checkpoint of ``run_dir`` into ``out``; optionally push it. Returns 0.
+
+    ``checkpoint``: ``latest`` (the newest), ``best-rankme`` (the highest RankMe recorded,
+    train.eval_every, pretrain/monitor.py) or a step number.
+    """
     run_dir, out = Path(run_dir), Path(out)
     if push_to_hub:
         check_push_possible(push_to_hub)      # fail before any work, not after
     record = _read_run_record(run_dir)
-    entry = _newest_checkpoint(run_dir, record)
+    entry = _newest_checkpoint(run_dir, record) if checkpoint == "latest" else _chosen(run_dir, record, checkpoint)
+    chosen = {"step": entry.step, "chosen_by": "step" if checkpoint.isdigit() else checkpoint,
+              "rankme": entry.rankme}
     results_data = Results.read(results) if results is not None else None
     _check_out_dir(out, run_dir)
 
@@ -99,7 +107,7 @@ def publish_command(
     medssl_block = {
         "steps": entry.step, "git_sha": record.git_sha, "medssl_version": __version__,
         "modality": modality, "window": intensity.window, "intensity": intensity.pipeline,
-        "source_index_sha256": index_sha, "started_from": record.started_from,
+        "source_index_sha256": index_sha, "started_from": record.started_from, "checkpoint": chosen,
         "pretraining_data": [{"split": s.split, "index_sha256": s.index_sha256,
                               "salt_id": s.salt_id, "shards": s.shards, "samples": s.samples}
                              for s in sources],
@@ -116,7 +124,7 @@ def publish_command(
         medssl_version=__version__, index=index, index_sha256=index_sha, sources=sources,
         results=results_data, repo_id=push_to_hub, model_args=timm_args,
         hashed_patients={s.index_sha256: len(s.hashes) for s in patients.sources} if patients else {},
-        started_from=record.started_from,
+        started_from=record.started_from, checkpoint=chosen,
     ))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +178,26 @@ def _newest_checkpoint(run_dir: Path, record: RunRecord) -> CheckpointEntry:
                 "pretrain to resume from it" if intact else "no recorded checkpoint is intact")
         raise MedsslError(f"{run_dir / 'checkpoints' / newest.file}: {problem}; not publishing it ({hint})")
     return newest
+
+
+def _chosen(run_dir: Path, record: RunRecord, choice: str) -> CheckpointEntry:
+    """The checkpoint ``--checkpoint best-rankme|STEP`` names, verified like the newest."""
+    steps = ", ".join(str(e.step) for e in record.checkpoints) or "none"
+    if choice == "best-rankme":
+        entry = best_rankme(record.checkpoints)
+        if entry is None:
+            raise MedsslError(f"{record_path(run_dir)}: no checkpoint has a RankMe (the run had "
+                              f"train.eval_every=0); publish --checkpoint latest or a step ({steps})")
+    elif choice.isdigit():
+        entry = next((e for e in record.checkpoints if e.step == int(choice)), None)
+        if entry is None:
+            raise MedsslError(f"{record_path(run_dir)}: no checkpoint at step {choice}; recorded steps: {steps}")
+    else:
+        raise MedsslError(f"--checkpoint {choice!r} must be latest, best-rankme or a step number")
+    problem = checkpoint_problem(run_dir, entry)
+    if problem is not None:
+        raise MedsslError(f"{run_dir / 'checkpoints' / entry.file}: {problem}; not publishing it")
+    return entry
 
 
 def _load_backbone(backbone: Any, state: dict[str, Any], path: Path, record: RunRecord,

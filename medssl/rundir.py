@@ -59,6 +59,7 @@ class CheckpointEntry:
     sha256: str
     bytes: int
     weights_finite: bool | None   # every float tensor of the model finite; None = not checked
+    rankme: float | None = None   # the latest RankMe at or before this step (train.eval_every)
 
 
 @dataclass
@@ -276,9 +277,17 @@ def add_checkpoint(record: RunRecord, entry: CheckpointEntry, keep: int) -> list
     oldest first, now dropped from the record (the caller deletes their files)."""
     kept = [e for e in record.checkpoints if e.file != entry.file and e.step < entry.step]
     record.checkpoints = [*kept, entry]
-    dropped = record.checkpoints[:-keep]
-    record.checkpoints = record.checkpoints[-keep:]
+    best = best_rankme(record.checkpoints)
+    # The best-RankMe checkpoint outlives the rotation: it is the one a label-free choice publishes.
+    dropped = [e for e in record.checkpoints[:-keep] if e is not best]
+    record.checkpoints = [e for e in record.checkpoints if not any(e is d for d in dropped)]
     return dropped
+
+
+def best_rankme(entries: Iterable[CheckpointEntry]) -> CheckpointEntry | None:
+    """The entry with the highest recorded RankMe (the later on a tie); None if none has one."""
+    scored = [e for e in entries if e.rankme is not None]
+    return max(scored, key=lambda e: (e.rankme, e.step)) if scored else None
 
 
 def nonfinite_tensors(tensors: Mapping[str, Any]) -> list[str]:

@@ -50,9 +50,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | Path, state: dict[str, Any], keep: int,
-                    record: RunRecord) -> CheckpointEntry:
+                    record: RunRecord, rankme: float | None = None) -> CheckpointEntry:
     """Write ``state`` as ``step_XXXXXXXX.pt`` and record its sha256, then point ``latest.txt``
-    at it and delete the recorded checkpoints past the newest ``keep``.
+    at it and delete the recorded checkpoints past the newest ``keep`` (but the best-RankMe
+    one; ``rankme`` is the latest evaluated at or before this step).
 
     Order matters for a crash at any point: the file is complete before it gets its name,
     ``run.json`` lists it before ``latest.txt`` names it, and an old file is deleted only
@@ -64,7 +65,7 @@ def save_checkpoint(output_dir: str | Path, state: dict[str, Any], keep: int,
     tmp = folder / (name + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
     entry = CheckpointEntry(file=name, step=int(state["step"]), sha256=sha256_file(tmp),
-                            bytes=tmp.stat().st_size, weights_finite=True)
+                            bytes=tmp.stat().st_size, weights_finite=True, rankme=rankme)
     os.replace(tmp, folder / name)
     dropped = add_checkpoint(record, entry, keep)
     write_record(output_dir, record)

@@ -191,6 +191,10 @@ class TrainConfig:
     checkpoint_every: int = 500            # steps between checkpoints
     keep_checkpoints: int = 3              # newest checkpoints kept on disk
     max_nonfinite_steps: int = 5           # consecutive skipped steps before the run stops
+    # Label-free monitoring (pretrain/monitor.py): RankMe (and kNN when labelled) on a fixed
+    # batch of the shards' val split every eval_every steps; 0 turns it off.
+    eval_every: int = 0
+    eval_samples: int = 256                # val samples in that batch
 
     def __post_init__(self) -> None:
         if self.precision is False:
@@ -211,6 +215,8 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every must be >= 1")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps must be >= 1")
+        _check(self.eval_every >= 0, "train.eval_every must be >= 0 (0 turns the monitor off)")
+        _check(self.eval_samples >= 2, "train.eval_samples must be >= 2")
 
 
 @dataclass

@@ -45,6 +45,7 @@ from pretrain.data import (
 )
 from pretrain.init import load_init
 from pretrain.methods import BACKBONE_PREFIX, get_method
+from pretrain.monitor import Monitor
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.resolve import resolve_config
 from pretrain.resume import RunPlan, plan_run, record_start
@@ -195,6 +196,7 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
                           f"{world} processes x train.grad_accum {cfg.train.grad_accum}")
     local_batch = cfg.train.batch_size // per_step
     slices = worker_shards(urls, rank, world, cfg.data.num_workers)
+    monitor = Monitor.from_config(cfg) if main else None   # a missing val split: refused here
 
     plan = _agree_on_plan(cfg, urls, force_resume, accelerator, held)
     if plan["finished"]:
@@ -247,7 +249,7 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
                           data_cfg=cfg.data, in_chans=cfg.model.in_chans,
                           skip_batches=start * cfg.train.grad_accum,
                           pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda")
-    return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls, stop, record)
+    return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls, stop, record, monitor)
 
 
 def _agree_on_plan(cfg: PretrainConfig, urls: list[str], force_resume: bool, accelerator: Accelerator,
@@ -302,7 +304,7 @@ def _restore(trainer: Pretrainer, accelerator: Accelerator, ckpt: dict[str, Any]
 
 def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, loader: Any, start: int,
           ckpt: dict[str, Any] | None, latest: Path | None, urls: list[str], stop: StopFlag,
-          record: RunRecord | None) -> int:
+          record: RunRecord | None, monitor: Monitor | None = None) -> int:
     out, main = Path(cfg.output_dir), accelerator.is_main_process
     metrics = MetricsFile(out / "metrics.jsonl", start) if main else None
     run = None
@@ -320,6 +322,8 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
     t_log, n_log = time.perf_counter(), 0
     monitor_sums: dict[str, torch.Tensor] = {}
     stopped = False
+    resumed_entry = record.entry(latest.name) if record is not None and latest is not None else None
+    last_rankme = resumed_entry.rankme if resumed_entry is not None else None
 
     def checkpoint() -> None:
         nonlocal last_good
@@ -349,7 +353,7 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
                          "num_workers": cfg.data.num_workers},
                 "wandb_id": wandb_id, "config": to_dict(cfg), "skipped_steps": skipped,
             }
-            entry = save_checkpoint(out, state, cfg.train.keep_checkpoints, record)
+            entry = save_checkpoint(out, state, cfg.train.keep_checkpoints, record, rankme=last_rankme)
             last_good = str(out / "checkpoints" / entry.file)
         accelerator.wait_for_everyone()
 
@@ -402,6 +406,12 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
             if failure:   # every rank saw the same reduced row, so every rank stops here
                 bar.close()
                 raise MedsslError(f"step {step}: {failure}; last good checkpoint: {last_good}")
+        if monitor is not None and monitor.due(step):   # rank zero only; the others go on
+            eval_row = monitor.evaluate(trainer.unwrapped.backbone, step, accelerator.device)
+            last_rankme = eval_row["rankme"]
+            metrics.write(eval_row)
+            if run is not None:
+                run.log(eval_row)
         # Every rank must agree to stop (the flag rode the step's all-reduce), or one would
         # wait forever in the next collective.
         stopped = stop_all and step < cfg.train.max_steps

@@ -17,9 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(org/name); needs a token and network")
     p.add_argument("--results", type=Path, metavar="RESULTS_JSON",
                    help="a `medssl finetune` results.json whose table goes into the card")
+    p.add_argument("--checkpoint", default="latest", metavar="latest|best-rankme|STEP",
+                   help="which checkpoint: the newest (default), the highest RankMe on the val batch "
+                   "(needs train.eval_every), or a step")
 
 
 def run(args: argparse.Namespace) -> int:
     from medssl.publish import publish_command
 
-    return publish_command(args.run_dir, args.out, push_to_hub=args.push_to_hub, results=args.results)
+    return publish_command(args.run_dir, args.out, push_to_hub=args.push_to_hub, results=args.results,
+                          checkpoint=args.checkpoint)

@@ -41,13 +41,15 @@ def synthetic_ct(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def write_shards(out: Path, n_shards: int = 8, per_shard: int = 16, size: int = 40, seed: int = 0,
-                 rgb: bool = False) -> Path:
-    """Write ``train-NNNNNN.tar`` shards plus index.json; returns ``out``."""
+                 rgb: bool = False, val_shards: int = 0, labels: bool = False) -> Path:
+    """Write ``train-NNNNNN.tar`` shards (then ``val_shards`` ``val-`` ones) plus index.json;
+    ``labels``: each sample's json gets ``label`` 1 when it has a blob of 300 HU or more."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     shards = {}
-    for s in range(n_shards):
-        name = f"train-{s:06d}.tar"
+    for s in range(n_shards + val_shards):
+        split = "train" if s < n_shards else "val"
+        name = f"{split}-{s:06d}.tar"
         with wds.TarWriter(str(out / name)) as sink:
             for i in range(per_shard):
                 meta = {"modality": "CT", "body_part": None, "view": None, "pixel_spacing": [1.0, 1.0],
@@ -56,16 +58,21 @@ def write_shards(out: Path, n_shards: int = 8, per_shard: int = 16, size: int = 
                     png = encode_png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
                     meta.update(channels=3, intensity={"offset": 0.0, "slope": 1.0, "unit": None}, window=None)
                 else:
-                    stored, offset, slope = encode_intensity(synthetic_ct(rng, size))
+                    image = synthetic_ct(rng, size)
+                    if labels:
+                        meta["label"] = int(image.max() >= 300)
+                    stored, offset, slope = encode_intensity(image)
                     png = encode_png(stored)
                     meta.update(channels=1, intensity={"offset": offset, "slope": slope, "unit": "HU"},
                                 window={"center": 40.0, "width": 400.0})
                 sink.write({"__key__": f"p{s:03d}-{i:012x}", "img.png": png,
                             "json": json.dumps(meta).encode()})
         data = (out / name).read_bytes()
-        shards[name] = {"split": "train", "samples": per_shard, "sha256": hashlib.sha256(data).hexdigest()}
+        shards[name] = {"split": split, "samples": per_shard, "sha256": hashlib.sha256(data).hexdigest()}
     index = {"format": "medssl-shards/1", "medssl_version": "0.1.0", "created": "2026", "shards": shards,
-             "splits": {"train": {"samples": n_shards * per_shard, "patients": n_shards}},
+             "splits": {"train": {"samples": n_shards * per_shard, "patients": n_shards},
+                        **({"val": {"samples": val_shards * per_shard, "patients": val_shards}}
+                           if val_shards else {})},
              "inputs": {"seen": 0, "written": 0, "quarantined": 0, "quarantined_by_reason": {}},
              "labels": None, "config": {}, "modalities": {"CT": n_shards * per_shard}}
     (out / "index.json").write_text(json.dumps(index))
