@@ -28,3 +28,13 @@ def test_throughput_one_config(tmp_path: Path):
     assert set(results) == KINDS and all(v > 0 for v in results.values())
     assert results["end2end/model"] == results["end2end"] / results["model"]
     assert json.loads(out.read_text())["results"]["simclr"] == results
+
+
+def test_throughput_every_method_preset(tmp_path: Path):
+    """Every preset (SimCLR, MAE, DINO multi-crop, MICLe pairs) at tiny size: all eight figures."""
+    out = tmp_path / "all.json"
+    figures = _bench().main([*TINY, "--preset", "all", "--tiny", "--json", str(out)])
+    assert set(figures) == {"simclr", "mae", "dino", "micle"}
+    for name, results in figures.items():
+        assert set(results) == KINDS and all(v > 0 for v in results.values()), name
+    assert json.loads(out.read_text())["results"].keys() == figures.keys()
