@@ -20,6 +20,10 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_CONFIG = REPO / "configs" / "debug.yaml"
 
+#: MAE at debug size: a two-block ViT with 8 px patches and a one-block decoder.
+TINY_MAE = ["method.name=mae", "model.arch=vit_tiny_patch16_224", "model.kwargs={patch_size: 8, depth: 2}",
+            "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=4", "train.lr=0.002"]
+
 #: DINO at debug size: a small head, two 16 px local crops beside the two 32 px global ones.
 TINY_DINO = ["method.name=dino", "method.head_hidden_dim=64", "method.head_bottleneck_dim=32",
              "method.head_output_dim=128", "augment.local_crops=2", "augment.local_crop_size=16",

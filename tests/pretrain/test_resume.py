@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DINO
+from conftest import TINY_DINO, TINY_MAE
 
 from pretrain.checkpoint import latest_checkpoint
 from pretrain.trainer import pretrain_command
@@ -44,11 +44,11 @@ def _last_step(out: Path) -> int:
 
 #: Every method the resume must hold for (SimCLR is debug.yaml's own): DINO's EMA teacher,
 #: centre and schedule step must come back from the checkpoint too.
-METHODS = {"simclr": [], "dino": TINY_DINO, "micle": ["data.positives=same_patient"]}
+METHODS = {"simclr": [], "mae": TINY_MAE, "dino": TINY_DINO, "micle": ["data.positives=same_patient"]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, method", [(0, "simclr"), (2, "simclr"), (0, "dino"), (2, "micle")])
+@pytest.mark.parametrize("workers, method", [(0, "simclr"), (2, "simclr"), (0, "mae"), (0, "dino"), (2, "micle")])
 def test_signal_then_resume_is_bitwise_equal(shard_dir: Path, tmp_path: Path, cli_env: dict, workers: int,
                                              method: str):
     rng = random.Random()
