@@ -166,6 +166,17 @@ def test_evaluating_changes_no_training_step_and_resume_keeps_the_record(val_sha
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_monitor_may_be_turned_on_at_resume_but_its_batch_not_changed(val_shards: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    common = ["train.checkpoint_every=2", "train.eval_samples=16"]
+    assert train(_cfg(val_shards, run, *common, "train.max_steps=2")) == 0
+    assert train(_cfg(val_shards, run, *common, "train.max_steps=4", "train.eval_every=2")) == 0
+    assert [(e.step, e.rankme is not None) for e in read_record(run).checkpoints] == [(2, False), (4, True)]
+    with pytest.raises(ConfigError, match=r"train.eval_samples=16 -> 32"):   # RankMe would not compare
+        train(_cfg(val_shards, run, *common[:1], "train.max_steps=6", "train.eval_every=2",
+                   "train.eval_samples=32"))
+
+
 def test_no_val_split_is_refused_before_any_work(shard_dir: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="train.eval_every=5 needs a val split"):
         train(_cfg(shard_dir, tmp_path / "run", "train.eval_every=5"))
