@@ -41,11 +41,11 @@ from medssl.rundir import (
     RunRecord,
     ShardSource,
     backbone_state,
+    best_rankme,
     checkpoint_problem,
     load_checkpoint,
     newest_intact,
     nonfinite_tensors,
-    best_rankme,
     read_record,
     record_path,
 )
