@@ -183,6 +183,15 @@ def test_no_val_split_is_refused_before_any_work(shard_dir: Path, tmp_path: Path
     assert not (tmp_path / "run").exists()
 
 
+def test_an_unusable_val_split_is_refused(tmp_path: Path):
+    rgb = write_shards(tmp_path / "rgb", n_shards=2, per_shard=4, val_shards=1, rgb=True)
+    with pytest.raises(ConfigError, match=r"have \[3\] channels but model.in_chans=1"):
+        Monitor.from_config(_cfg(rgb, tmp_path / "a", "train.eval_every=2"))
+    one = write_shards(tmp_path / "one", n_shards=2, per_shard=1, val_shards=1)
+    with pytest.raises(ConfigError, match="fewer than 2 readable val samples"):
+        Monitor.from_config(_cfg(one, tmp_path / "b", "train.eval_every=2"))
+
+
 def test_best_rankme_without_any_is_one_line(shard_dir: Path, tmp_path: Path):
     assert train(_cfg(shard_dir, tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2")) == 0
     with pytest.raises(MedsslError, match="no checkpoint has a RankMe .*train.eval_every=0"):
