@@ -193,11 +193,13 @@ def _training(info: CardInfo) -> str:
 
 
 def _checkpoint_words(chosen: dict[str, Any]) -> str:
+    """``step 800: the highest RankMe on the val batch (RankMe 41.20)``; a run without the
+    label-free monitor (train.eval_every=0) gets no score."""
     rankme = chosen.get("rankme")
-    score = f"RankMe {rankme:.2f}" if isinstance(rankme, (int, float)) else "no RankMe recorded"
-    how = {"latest": "the newest", "best-rankme": "the highest RankMe on the val batch of those kept",
+    score = f" (RankMe {rankme:.2f})" if isinstance(rankme, (int, float)) else ""
+    how = {"latest": "the newest", "best-rankme": "the highest RankMe on the val batch",
            "step": "chosen by step"}.get(chosen.get("chosen_by"), str(chosen.get("chosen_by")))
-    return f"step {chosen.get('step')}: {how} ({score})"
+    return f"step {chosen.get('step')}: {how}{score}"
 
 
 def _results(results: Results | None) -> str:

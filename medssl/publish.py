@@ -1,9 +1,10 @@
 """``medssl publish RUN_DIR --out DIR``: a pretraining run -> timm-loadable weights + model card.
 
 Everything comes from the run record (``RUN_DIR/run.json``, medssl/rundir.py): architecture,
-channels, input size, intensity handling, method, the shard folders read, and the newest
-checkpoint, verified against the sha256 recorded there. Weights that are not all finite are
-refused. The published dir (its contract: medssl/published.py) gets ``model.safetensors``,
+channels, input size, intensity handling, method, the shard folders read, and the checkpoint
+(``--checkpoint``: the newest by default, the highest recorded RankMe, or a step), verified
+against the sha256 recorded there; config.json and the card say which one and why. Weights
+that are not all finite are refused. The published dir (its contract: medssl/published.py) gets ``model.safetensors``,
 ``config.json``, the model card ``README.md`` (medssl/card.py) and ``SHA256SUMS``, last.
 
 Re-publishing: ``DIR`` may be empty, absent, or a previous publish (holding only the four
@@ -40,11 +41,11 @@ from medssl.rundir import (
     RunRecord,
     ShardSource,
     backbone_state,
+    best_rankme,
     checkpoint_problem,
     load_checkpoint,
     newest_intact,
     nonfinite_tensors,
-    best_rankme,
     read_record,
     record_path,
 )

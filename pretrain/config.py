@@ -194,6 +194,7 @@ class TrainConfig:
     # Label-free monitoring (pretrain/monitor.py): RankMe (and kNN when labelled) on a fixed
     # batch of the shards' val split every eval_every steps; 0 turns it off.
     eval_every: int = 0
+    # RankMe is at most min(eval_samples, embedding width): compare it within one run only.
     eval_samples: int = 256                # val samples in that batch
 
     def __post_init__(self) -> None:

@@ -8,10 +8,13 @@ samples carry labels, a leave-one-out kNN accuracy on the same batch is logged b
 
 The batch is the first ``train.eval_samples`` readable samples of the shards' ``val`` split in
 shard order, preprocessed without randomness (window to [0, 1], resize to
-``augment.crop_size``, normalise), so every evaluation of every run sees the same images. The
-evaluation runs on rank zero in eval mode under ``no_grad`` and restores the train mode: no
-weight, BatchNorm statistic, RNG state or data position changes, so a resumed run stays
-bitwise equal to an uninterrupted one.
+``augment.crop_size``, normalise), so every evaluation of every run sees the same images.
+Every rank reads it at start-up, so a missing or unusable val split is the same one-line
+ConfigError on every rank before any collective (rank zero alone refusing would leave the
+others waiting); only rank zero keeps the images. The evaluation runs on rank zero in eval
+mode under ``no_grad`` inside a forked RNG and restores the train mode: no weight, BatchNorm
+statistic, RNG state or data position changes, so a resumed run stays bitwise equal to an
+uninterrupted one. The other ranks wait for it at a barrier.
 """
 
 from __future__ import annotations
@@ -63,8 +66,11 @@ class Monitor:
         self.images, self.labels, self.every, self.max_steps = images, labels, every, max_steps
 
     @classmethod
-    def from_config(cls, cfg: PretrainConfig) -> Monitor | None:
-        """None when ``train.eval_every`` is 0; ConfigError when there is no val split to read."""
+    def from_config(cls, cfg: PretrainConfig, keep_images: bool = True) -> Monitor | None:
+        """None when ``train.eval_every`` is 0; ConfigError when there is no val split to read.
+
+        ``keep_images=False`` (ranks other than zero): checked the same way, images dropped.
+        """
         if not cfg.train.eval_every:
             return None
         try:
@@ -90,23 +96,53 @@ class Monitor:
                 break
         if len(items) < 2:
             raise ConfigError(f"train.eval_every: fewer than 2 readable {EVAL_SPLIT} samples in {cfg.data.shards}")
-        images = _preprocess(items, cfg)
+        channels = {int(i["image"].shape[0]) for i in items}
+        if channels != {cfg.model.in_chans}:
+            raise ConfigError(f"train.eval_every: {EVAL_SPLIT} samples of {cfg.data.shards} have "
+                              f"{sorted(channels)} channels but model.in_chans={cfg.model.in_chans}")
+        if cfg.train.checkpoint_every % cfg.train.eval_every and keep_images:
+            log.warning("train.checkpoint_every=%d is not a multiple of train.eval_every=%d: a checkpoint "
+                        "carries the RankMe of the latest evaluation before it", cfg.train.checkpoint_every,
+                        cfg.train.eval_every)
+        images = _preprocess(items, cfg) if keep_images else torch.empty(0)
         known = None if any(lab is None for lab in labels) else torch.tensor(labels)
-        log.info("label-free monitor: RankMe%s every %d steps on %d %s samples", " and kNN" if known is not None
-                 else "", cfg.train.eval_every, len(items), EVAL_SPLIT)
+        if keep_images:
+            log.info("label-free monitor: RankMe%s every %d steps on %d %s samples",
+                     " and kNN" if known is not None else "", cfg.train.eval_every, len(items), EVAL_SPLIT)
         return cls(images, known, cfg.train.eval_every, cfg.train.max_steps)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.max_steps
 
+    def log(self, backbone: nn.Module, step: int, accelerator: Any, metrics: Any, run: Any) -> float | None:
+        """At a due step, on every rank: rank zero evaluates and writes the row to
+        ``metrics`` (and wandb ``run``); all ranks meet at a barrier. Returns the RankMe (rank
+        zero) or None."""
+        value = None
+        if accelerator.is_main_process:
+            row = self.evaluate(backbone, step, accelerator.device)
+            value = row["rankme"]
+            metrics.write(row)
+            if run is not None:
+                run.log({k: v for k, v in row.items() if k != "kind"})   # wandb wants numbers
+        accelerator.wait_for_everyone()
+        return value
+
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, step: int, device: torch.device, batch: int = 64) -> dict[str, Any]:
-        was_training = backbone.training
+        """The metrics row of ``backbone`` on the fixed batch; changes no state of the run."""
+        modes = [(m, m.training) for m in backbone.modules()]   # restored module by module
         backbone.eval()
+        # Eval mode draws no random numbers in the methods' backbones; the fork makes that a
+        # guarantee (CPU and the device's RNG come back as they were).
+        devices = [device] if device.type == "cuda" else []
         try:
-            features = torch.cat([backbone(chunk.to(device)).float().cpu() for chunk in self.images.split(batch)])
+            with torch.random.fork_rng(devices=devices):
+                features = torch.cat([backbone(chunk.to(device)).float().cpu()
+                                      for chunk in self.images.split(batch)])
         finally:
-            backbone.train(was_training)
+            for module, training in modes:
+                module.training = training
         row: dict[str, Any] = {"step": step, "kind": "eval", "rankme": rankme(features),
                                "eval_samples": len(features)}
         if self.labels is not None:

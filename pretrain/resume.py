@@ -62,10 +62,12 @@ log = logging.getLogger(__name__)
 #: non-finite steps and bad samples, the loader's parallelism (``num_workers`` changes the
 #: sample order, which the trainer warns about), memory layout and compilation, tracking,
 #: the shard check's depth, test hooks, and the folder itself (a run dir may be moved).
+#: ``train.eval_every`` only measures (pretrain/monitor.py); ``train.eval_samples`` is not
+#: safe: RankMe over another batch is not comparable with the recorded ones.
 RESUME_SAFE = (
     "output_dir",
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-    "train.max_nonfinite_steps", "train.compile", "train.channels_last",
+    "train.max_nonfinite_steps", "train.compile", "train.channels_last", "train.eval_every",
     "data.num_workers", "data.prefetch_factor", "data.pin_memory", "data.max_bad_samples",
     "data.verify",
     "logging.*", "debug.*",

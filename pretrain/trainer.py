@@ -196,7 +196,7 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
                           f"{world} processes x train.grad_accum {cfg.train.grad_accum}")
     local_batch = cfg.train.batch_size // per_step
     slices = worker_shards(urls, rank, world, cfg.data.num_workers)
-    monitor = Monitor.from_config(cfg) if main else None   # a missing val split: refused here
+    monitor = Monitor.from_config(cfg, keep_images=main)   # every rank: a missing val split refused here
 
     plan = _agree_on_plan(cfg, urls, force_resume, accelerator, held)
     if plan["finished"]:
@@ -406,12 +406,8 @@ def _loop(cfg: PretrainConfig, accelerator: Accelerator, trainer: Pretrainer, lo
             if failure:   # every rank saw the same reduced row, so every rank stops here
                 bar.close()
                 raise MedsslError(f"step {step}: {failure}; last good checkpoint: {last_good}")
-        if monitor is not None and monitor.due(step):   # rank zero only; the others go on
-            eval_row = monitor.evaluate(trainer.unwrapped.backbone, step, accelerator.device)
-            last_rankme = eval_row["rankme"]
-            metrics.write(eval_row)
-            if run is not None:
-                run.log(eval_row)
+        if monitor is not None and monitor.due(step):   # rank zero evaluates, the others wait
+            last_rankme = monitor.log(trainer.unwrapped.backbone, step, accelerator, metrics, run)
         # Every rank must agree to stop (the flag rode the step's all-reduce), or one would
         # wait forever in the next collective.
         stopped = stop_all and step < cfg.train.max_steps

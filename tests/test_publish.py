@@ -65,9 +65,12 @@ class TinySSL(torch.nn.Module):
 def make_run(root: Path, arch: str = "resnet18", in_chans: int = 1, size: int = 32,
              mean: float = 0.5, std: float = 0.25, modality: str | None = None,
              window: dict | None = None, pipeline: str = "window then scale to [0,1], then (x - mean) / std",
-             resolved: dict | None = None, **model_kwargs) -> tuple[Path, TinySSL]:
-    """A run dir as medssl pretrain leaves it (run.json, config.yaml, two checkpoints), plus
-    its shard folder. publish reads run.json only (medssl/rundir.py)."""
+             resolved: dict | None = None, rankme: dict[int, float] | None = None,
+             **model_kwargs) -> tuple[Path, TinySSL]:
+    """A run dir as medssl pretrain leaves it (run.json, config.yaml, two checkpoints: step 5
+    all zeros, step 10 the returned model), plus its shard folder. ``rankme``: step -> the
+    RankMe recorded for that checkpoint (train.eval_every). publish reads run.json only
+    (medssl/rundir.py)."""
     from medssl.io import sha256_file
     from medssl.rundir import CheckpointEntry, Intensity, RunRecord, ShardSource, write_record
 
@@ -101,7 +104,8 @@ def make_run(root: Path, arch: str = "resnet18", in_chans: int = 1, size: int = 
                     "scaler": None, "rng": {"torch": torch.get_rng_state()}, "data": {"seen": step},
                     "wandb_id": None, "config": config}, path)
         entries.append(CheckpointEntry(file=path.name, step=step, sha256=sha256_file(path),
-                                       bytes=path.stat().st_size, weights_finite=True))
+                                       bytes=path.stat().st_size, weights_finite=True,
+                                       rankme=(rankme or {}).get(step)))
     (run / "checkpoints" / "latest.txt").write_text("step_00000010.pt\n")
     index_sha = hashlib.sha256((shards / "index.json").read_bytes()).hexdigest()
     write_record(run, RunRecord(
@@ -513,3 +517,75 @@ def test_publish_hashes_the_pretraining_patients_without_revealing_them(tmp_path
     assert not (out / FILE_NAME).exists() and FILE_NAME not in (out / "SHA256SUMS").read_text()
     assert "carry no patient hashes" in (out / "README.md").read_text()
     verify_published(out)
+
+
+# --- --checkpoint latest | best-rankme | STEP ---------------------------------------------------
+
+
+def _medssl_block(out: Path) -> dict:
+    return json.loads((out / "config.json").read_text())["medssl"]
+
+
+def _card_row(out: Path) -> str:
+    rows = [line for line in (out / "README.md").read_text().splitlines() if line.startswith("| checkpoint |")]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_checkpoint_best_rankme_publishes_that_checkpoint_and_says_so(tmp_path):
+    # The older checkpoint scores higher: chosen although it is not the newest.
+    run, _ = make_run(tmp_path, arch="test_resnet", rankme={5: 7.5, 10: 3.25})
+    out = tmp_path / "best"
+    assert publish_command(run, out, checkpoint="best-rankme") == 0
+    weights = load_file(out / "model.safetensors")
+    assert all(not v.any() for v in weights.values())          # step 5's all-zero weights
+    medssl = _medssl_block(out)
+    assert medssl["checkpoint"] == {"step": 5, "chosen_by": "best-rankme", "rankme": 7.5}
+    assert medssl["steps"] == 5
+    assert _card_row(out) == "| checkpoint | step 5: the highest RankMe on the val batch (RankMe 7.50) |"
+    verify_published(out)
+
+
+def test_checkpoint_by_step_and_the_default_latest(tmp_path):
+    run, method = make_run(tmp_path, arch="test_resnet", rankme={5: 7.5, 10: 3.25})
+    assert publish_command(run, tmp_path / "s5", checkpoint="5") == 0
+    assert _medssl_block(tmp_path / "s5")["checkpoint"] == {"step": 5, "chosen_by": "step", "rankme": 7.5}
+    assert _card_row(tmp_path / "s5") == "| checkpoint | step 5: chosen by step (RankMe 7.50) |"
+    assert publish_command(run, tmp_path / "latest") == 0        # today's behaviour: the newest
+    medssl = _medssl_block(tmp_path / "latest")
+    assert medssl["steps"] == 10 and medssl["checkpoint"]["chosen_by"] == "latest"
+    weights = load_file(tmp_path / "latest" / "model.safetensors")
+    state = method.backbone.state_dict()
+    assert all(torch.equal(weights[k], state[k]) for k in weights)
+
+
+def test_latest_of_a_run_without_rankme_mentions_none(tmp_path):
+    run, _ = make_run(tmp_path, arch="test_resnet")
+    assert publish_command(run, tmp_path / "out") == 0
+    assert _medssl_block(tmp_path / "out")["checkpoint"] == {"step": 10, "chosen_by": "latest", "rankme": None}
+    assert _card_row(tmp_path / "out") == "| checkpoint | step 10: the newest |"
+
+
+def test_checkpoint_choices_that_cannot_be_met_are_one_line(tmp_path):
+    run, _ = make_run(tmp_path, arch="test_resnet")
+    with pytest.raises(MedsslError, match=r"no checkpoint has a RankMe \(the run had train.eval_every=0\)"):
+        publish_command(run, tmp_path / "a", checkpoint="best-rankme")
+    with pytest.raises(MedsslError, match=r"must be latest, best-rankme or a step number"):
+        publish_command(run, tmp_path / "b", checkpoint="best")
+    (run / "checkpoints" / "step_00000005.pt").unlink()          # recorded, but gone
+    with pytest.raises(MedsslError, match=r"step_00000005.pt: missing; not publishing it"):
+        publish_command(run, tmp_path / "c", checkpoint="5")
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_cli_checkpoint_flag(tmp_path):
+    from medssl.cli import build_parser
+
+    args = build_parser().parse_args(["publish", "RUN", "--out", "OUT"])
+    assert args.checkpoint == "latest"
+    run, _ = make_run(tmp_path, arch="test_resnet")
+    proc = subprocess.run([sys.executable, "-m", "medssl", "publish", str(run), "--out", str(tmp_path / "o"),
+                           "--checkpoint", "7"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no checkpoint at step 7; recorded steps: 5, 10" in lines[0]

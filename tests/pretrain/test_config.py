@@ -34,6 +34,8 @@ def test_shipped_configs_load(name: str, method: str, arch: str):
     ("augment.hflip_p=1.5", "augment.hflip_p"),
     ("train.optimizer=adam", "train.optimizer must be one of"),
     ("logging.wandb=yes", "logging.wandb"),
+    ("train.eval_every=-1", "train.eval_every must be >= 0"),
+    ("train.eval_samples=1", "train.eval_samples must be >= 2"),
 ])
 def test_bad_values_name_the_key(override: str, needle: str):
     # The method name is checked against the registry when the config is resolved (as
