@@ -96,6 +96,15 @@ class DINO(nn.Module):
         if len(views) > 2:
             student.append(self.student_head(self.student_backbone(torch.cat(views[2:]))).float())
         student_out = [s for chunk in student for s in chunk.split(b)]
+        return self._loss(teacher, student_out, features)
+
+    # Outside torch.compile's graph: the temperature depends on the Python-int step, which a
+    # compiled forward would guard on and recompile for at every warm-up step; lightly's
+    # centre update all-reduces. The networks above stay compiled.
+    @torch.compiler.disable
+    def _loss(self, teacher: torch.Tensor, student_out: list[torch.Tensor], features: torch.Tensor
+              ) -> dict[str, torch.Tensor]:
+        b = student_out[0].shape[0]
         temp = self.teacher_temperature(self._step)
         centre = self.criterion.center.reshape(1, -1).clone()   # before the loss moves it
         loss = self.criterion(list(teacher.split(b)), student_out, teacher_temp=temp)

@@ -169,3 +169,16 @@ def test_bright_square_run_does_not_collapse(tmp_path: Path):
     assert len(rows) == 10 and all(r["collapse_std"] > floor for r in rows), [r["collapse_std"] for r in rows]
     # Not the uniform collapse either: the teacher's mean output stays below the maximal entropy.
     assert rows[-1]["teacher_entropy"] < math.log(cfg.method.head_output_dim) - 0.1
+
+
+def test_a_compiled_dino_does_not_recompile_during_the_temperature_warm_up(shard_dir: Path, tmp_path: Path):
+    cfg = _cfg(shard_dir, tmp_path, "method.warmup_teacher_temp_steps=10", "method.warmup_teacher_temp=0.02")
+    model = get_method("dino").build(cfg)
+    model.compile(backend="eager")
+    views = GpuAugment(cfg.augment, 2)(_batch(), torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(4):   # each step a different teacher temperature
+            model(views)
+            model.before_optimizer_step(step)
+    assert model._step == 4
