@@ -1,7 +1,9 @@
 """The shard sample contract, reading side: one module turns a stored sample into typed values.
 
 A shard sample (ARCHITECTURE.md section 3) is ``img.png`` (16-bit grayscale or 8-bit RGB)
-plus an allow-listed ``json`` and, for single-integer labels, ``cls``. Pretraining's loader,
+-- or, in a volume shard (``medssl shard --volumes``), ``vol.npy.gz`` (uint16 ``[X, Y, Z]``,
+RAS axes, voxel size in ``spacing``) -- plus an allow-listed ``json`` and, for single-integer
+labels, ``cls``. Pretraining's loader,
 fine-tuning's task loader and the leakage and explanation tools all read samples through
 ``read_sample``, and every consumer maps stored values to display units through the one
 ``window_to_unit``, so the stages agree on intensities without importing each other.
@@ -20,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from medssl.data.sample import decode_image
+from medssl.data.sample import VOLUME_MEMBER, decode_image, decode_volume
 
 
 @dataclass
 class ShardSample:
     """One decoded sample. ``image`` is ``[C, H, W]`` as stored: uint16 grayscale (C = 1) or
-    uint8 RGB (C = 3). Pseudonyms (``patient``, ``study``, ``series``) are the writer's salted
+    uint8 RGB (C = 3); for a volume, uint16 ``[1, X, Y, Z]`` (RAS) with ``spacing`` in mm. Pseudonyms (``patient``, ``study``, ``series``) are the writer's salted
     HMACs; nothing here identifies a person."""
 
     key: str
@@ -46,13 +48,19 @@ class ShardSample:
     pixel_spacing: tuple[float, float] | None = None   # (row, column) mm
     slice_index: int | None = None
     split: str | None = None               # from the shard's name, when known
+    spacing: tuple[float, float, float] | None = None   # volumes: RAS voxel size, mm
+
+    @property
+    def is_volume(self) -> bool:
+        return self.image.ndim == 4
 
     @property
     def channels(self) -> int:
         return int(self.image.shape[0])
 
     def modality_units(self) -> np.ndarray:
-        """Grayscale image in modality units, float32 ``[1, H, W]`` (RGB: a float copy)."""
+        """Grayscale image in modality units, float32 ``[1, H, W]`` or ``[1, X, Y, Z]`` (RGB: a
+    float copy)."""
         if self.image.dtype == np.uint8:
             return self.image.astype(np.float32)
         return self.image.astype(np.float32) * np.float32(self.slope) + np.float32(self.offset)
@@ -64,7 +72,10 @@ def read_sample(raw: dict[str, Any]) -> ShardSample:
     Raises ``KeyError``/``ValueError`` on a malformed sample; callers count such errors.
     """
     meta = json.loads(raw["json"])
-    png = raw["img.png"] if "img.png" in raw else raw["png"]
+    if VOLUME_MEMBER in raw:
+        image = decode_volume(raw[VOLUME_MEMBER])
+    else:
+        image = decode_image(raw["img.png"] if "img.png" in raw else raw["png"])
     label = meta.get("label")
     if label is None and "cls" in raw:
         label = int(raw["cls"])
@@ -72,11 +83,12 @@ def read_sample(raw: dict[str, Any]) -> ShardSample:
     window = meta.get("window") or {}
     has_window = window.get("center") is not None and window.get("width") is not None
     spacing = meta.get("pixel_spacing")
+    voxels = meta.get("spacing")
     url = str(raw.get("__url__") or "")
     name = url.rsplit("/", 1)[-1]
     return ShardSample(
         key=str(raw.get("__key__", "")),
-        image=decode_image(png),
+        image=image,
         patient=meta.get("patient"),
         study=meta.get("study"),
         series=meta.get("series"),
@@ -92,6 +104,7 @@ def read_sample(raw: dict[str, Any]) -> ShardSample:
         pixel_spacing=tuple(spacing) if spacing else None,
         slice_index=meta.get("slice_index"),
         split=name.split("-", 1)[0] if name.endswith(".tar") and "-" in name else None,
+        spacing=tuple(float(v) for v in voxels) if voxels else None,
     )
 
 

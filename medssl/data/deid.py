@@ -288,6 +288,11 @@ def sample_metadata(
         "intensity": encoded,
         "window": window,
     }
+    if s.spacing is not None:   # a volume: its voxel size is what training resamples by
+        spacing = [_finite(v) for v in s.spacing]
+        if len(spacing) != 3 or any(v is None or v <= 0 for v in spacing):
+            raise ValueError(f"volume spacing must be three positive mm values, got {s.spacing}")
+        meta["spacing"] = spacing
     label = _label(s.label)
     if label is not None:
         meta["label"] = label

@@ -8,10 +8,17 @@ Intensity encoding. Grayscale slices are stored as 16-bit PNG. Stored value ``s`
 modality units (HU for CT) as ``value = s * slope + offset``; both numbers live in the
 sample's ``json`` under ``intensity``. Integer data that fits 65,536 levels is stored
 losslessly (slope 1); float data is spread linearly over the full 16-bit range.
+
+Volumes (``medssl shard --volumes``) use the same encoding over the whole 3-D array, stored as
+``vol.npy.gz``: a gzip'd NumPy ``.npy`` of uint16 ``[X, Y, Z]`` whose axes run left->Right,
+posterior->Anterior, inferior->Superior (RAS), with the voxel size in the ``json``'s
+``spacing`` (mm, same axis order). ``.npy`` is read with ``allow_pickle=False``, so the member
+can never carry a pickle; WebDataset's own decoder reads it too (it gunzips ``.gz`` members).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
 import zlib
@@ -27,6 +34,7 @@ SAMPLE_META_KEYS = (
     "view",            # ViewPosition (PA, AP, LAT) or None
     "pixel_spacing",   # [row_mm, col_mm] or None
     "slice_index",     # position of the slice in its series/volume, or None
+    "spacing",         # volumes only: [x_mm, y_mm, z_mm] of the stored RAS voxel grid
     "patient",         # pseudonym "p-<16 hex>"
     "study",           # pseudonym "s-<16 hex>" or None
     "series",          # pseudonym "r-<16 hex>" or None
@@ -41,9 +49,10 @@ SAMPLE_META_KEYS = (
 
 @dataclass
 class Slice:
-    """One decoded 2-D image with the metadata training may use, before de-identification.
+    """One decoded 2-D image (or, from ``--volumes``, one RAS volume) with the metadata
+    training may use, before de-identification.
 
-    ``pixels`` is either ``[H, W]`` in modality units (any real dtype; CT in HU after the
+    ``pixels`` is ``[X, Y, Z]`` in modality units for a volume, else either ``[H, W]`` in modality units (any real dtype; CT in HU after the
     modality LUT, MONOCHROME1 already inverted) or ``[H, W, 3]`` uint8 RGB.
     ``patient_id``, ``study_id`` and ``series_id`` are the source's raw identifiers: the writer
     replaces them with pseudonyms and never stores them. ``source`` names the file (and frame)
@@ -60,6 +69,7 @@ class Slice:
     view: str | None = None
     pixel_spacing: tuple[float, float] | None = None
     slice_index: int | None = None
+    spacing: tuple[float, float, float] | None = None   # volumes: RAS voxel size in mm
     window: tuple[float, float] | None = None   # (center, width) in modality units
     unit: str | None = None                     # "HU" for CT after the modality LUT
     label: int | list[int] | None = None
@@ -67,19 +77,23 @@ class Slice:
     extra: dict = field(default_factory=dict)   # reader-private; never written
 
     @property
+    def is_volume(self) -> bool:
+        return self.spacing is not None
+
+    @property
     def channels(self) -> int:
-        return 3 if self.pixels.ndim == 3 else 1
+        return 3 if self.pixels.ndim == 3 and not self.is_volume else 1
 
 
 def encode_intensity(pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Map ``[H, W]`` modality values to uint16, returning ``(stored, offset, slope)``.
+    """Map ``[H, W]`` (or ``[X, Y, Z]``) modality values to uint16: ``(stored, offset, slope)``.
 
     Integer-valued data spanning at most 65,536 levels is stored exactly: ``offset`` is the
     minimum and ``slope`` 1. Anything else is scaled linearly over 0..65535.
     """
     values = np.asarray(pixels)
-    if values.ndim != 2:
-        raise ValueError(f"expected a [H, W] grayscale image, got shape {values.shape}")
+    if values.ndim not in (2, 3):
+        raise ValueError(f"expected a [H, W] image or [X, Y, Z] volume, got shape {values.shape}")
     finite = np.isfinite(values) if values.dtype.kind == "f" else None
     if finite is not None and not finite.all():
         values = np.where(finite, values, np.nanmin(np.where(finite, values, np.inf)))
@@ -139,6 +153,30 @@ def encode_png(image: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     pil.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+VOLUME_MEMBER = "vol.npy.gz"
+
+
+def encode_volume(stored: np.ndarray) -> bytes:
+    """``vol.npy.gz`` bytes of a uint16 ``[X, Y, Z]`` volume: deterministic (gzip mtime 0).
+
+    Level 1: volumes are re-read every epoch, and gunzip at level 1 costs the loader about
+    as much as decoding the same voxels from PNG.
+    """
+    if stored.dtype != np.uint16 or stored.ndim != 3:
+        raise ValueError(f"expected uint16 [X, Y, Z], got {stored.dtype} {stored.shape}")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(stored, dtype="<u2"), allow_pickle=False)
+    return gzip.compress(buf.getvalue(), compresslevel=1, mtime=0)
+
+
+def decode_volume(data: bytes) -> np.ndarray:
+    """Decode a shard's ``vol.npy.gz`` to uint16 ``[1, X, Y, Z]`` (never unpickles)."""
+    arr = np.load(io.BytesIO(gzip.decompress(data)), allow_pickle=False)
+    if arr.dtype != np.uint16 or arr.ndim != 3:
+        raise ValueError(f"volume member holds {arr.dtype} {arr.shape}, not uint16 [X, Y, Z]")
+    return arr[None]
 
 
 def decode_image(png: bytes) -> np.ndarray:
