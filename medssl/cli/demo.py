@@ -12,6 +12,15 @@ It runs the same commands a user would, in order, each into its own folder under
     medssl publish out/pretrain --out out/published --results out/benchmark/results.json
     (and the same for out/published-from-imagenet)
 
+``medssl demo --volumes`` runs the 3-D path the same way, into ``medssl-demo-3d`` by default:
+
+    medssl synth   out/corpus --volumes
+    medssl shard   out/corpus --out out/shards --volumes --recipe datasets/recipes/demo_volumes.yaml
+    medssl pretrain configs/demo_volumes.yaml output_dir=out/pretrain data.shards=out/shards
+    medssl publish out/pretrain --out out/published
+    medssl finetune configs/finetune/demo_volumes.yaml output_dir=out/benchmark ...
+    medssl publish out/pretrain --out out/published --results out/benchmark/results.json
+
 Every stage is resumable, so re-running the demo after an interruption finishes the job
 instead of starting over.
 """
@@ -41,13 +50,24 @@ DEMO_SIZE = 128
 DEMO_SPLITS = "train=0.6,val=0.2,test=0.2"
 
 
+#: The 3-D demo's corpus: whole synthetic CT series, one per patient, small enough that 3-D
+#: SimCLR and the benchmark fit the 15-minute budget on two cores.
+VOLUME_PATIENTS = 240
+VOLUME_SPACING = "1.5,1.5,2.0"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("medssl-demo"), metavar="DIR",
-                   help="folder for every stage's output (default ./medssl-demo); re-run to resume")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="folder for every stage's output (default ./medssl-demo, or "
+                        "./medssl-demo-3d with --volumes); re-run to resume")
+    p.add_argument("--volumes", action="store_true",
+                   help="the 3-D path: whole CT series as volumes, 3-D SimCLR on a MONAI ResNet")
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_demo(args.out)
+    if args.volumes:
+        return run_demo(args.out or Path("medssl-demo-3d"), volumes=True)
+    return run_demo(args.out or Path("medssl-demo"))
 
 
 def run_command(argv: list[str]) -> int:
@@ -71,24 +91,28 @@ def repo_root() -> Path:
     return root
 
 
-def run_demo(out: Path) -> int:
+def run_demo(out: Path, volumes: bool = False) -> int:
     """Run synth -> shard -> pretrain -> publish -> finetune into ``out``; returns an exit code."""
     root = repo_root()
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    corpus, shards = out / "corpus", out / "shards"
-    run_dir, published, bench = out / "pretrain", out / "published", out / "benchmark"
-    # Continued pretraining: the same recipe, started from ImageNet weights.
-    run_dir_in, published_in = out / "pretrain-from-imagenet", out / "published-from-imagenet"
-    masks = out / "masks.npz"
-
     # The corpus is synthetic, so a fixed salt is harmless, and it makes the patient splits --
     # and so the demo's table -- the same on every machine. Real data gets a secret salt.
     salt = out / "demo.salt"
     if not salt.is_file():
         salt.write_bytes(hashlib.sha256(b"medssl synthetic demo corpus").digest())
+    stages = volume_stages(root, out, salt) if volumes else slice_stages(root, out, salt)
+    return _run_stages(stages, out)
 
-    stages: list[tuple[str, list[str]]] = [
+
+def slice_stages(root: Path, out: Path, salt: Path) -> list[tuple[str, list[str]]]:
+    """The 2-D demo: slices, SimCLR from scratch and from ImageNet, four inits benchmarked."""
+    corpus, shards = out / "corpus", out / "shards"
+    run_dir, published, bench = out / "pretrain", out / "published", out / "benchmark"
+    # Continued pretraining: the same recipe, started from ImageNet weights.
+    run_dir_in, published_in = out / "pretrain-from-imagenet", out / "published-from-imagenet"
+    masks = out / "masks.npz"
+    return [
         ("synthesise the demo corpus", [
             "synth", str(corpus), "--patients", str(DEMO_PATIENTS),
             "--slices", str(DEMO_SLICES), "--size", str(DEMO_SIZE),
@@ -125,6 +149,41 @@ def run_demo(out: Path) -> int:
             "--results", str(bench / "results.json"),
         ]),
     ]
+
+
+def volume_stages(root: Path, out: Path, salt: Path) -> list[tuple[str, list[str]]]:
+    """The 3-D demo: whole series as volumes, 3-D SimCLR, SSL against random on the volumes."""
+    corpus, shards = out / "corpus", out / "shards"
+    run_dir, published, bench = out / "pretrain", out / "published", out / "benchmark"
+    return [
+        ("synthesise CT patients as whole series", [
+            "synth", str(corpus), "--volumes", "--patients", str(VOLUME_PATIENTS),
+        ]),
+        ("resample each series to one volume and shard them", [
+            "shard", str(corpus), "--out", str(shards), "--volumes", "--spacing", VOLUME_SPACING,
+            "--recipe", str(root / "datasets" / "recipes" / "demo_volumes.yaml"),
+            "--workers", "2", "--shard-size", "16", "--splits", DEMO_SPLITS,
+            "--salt-file", str(salt),
+        ]),
+        ("pretrain 3-D SimCLR on a MONAI ResNet", [
+            "pretrain", str(root / "configs" / "demo_volumes.yaml"),
+            f"output_dir={run_dir}", f"data.shards={shards}",
+        ]),
+        ("publish the 3-D weights", ["publish", str(run_dir), "--out", str(published)]),
+        ("benchmark 3-D SSL against random initialisation", [
+            "finetune", str(root / "configs" / "finetune" / "demo_volumes.yaml"),
+            f"output_dir={bench}", f"inits=[ssl:{published}, random]",
+            f"tasks=[{{name: demo3d, kind: shards, path: {shards}}}]",
+        ]),
+        ("add the results to the model card", [
+            "publish", str(run_dir), "--out", str(published),
+            "--results", str(bench / "results.json"),
+        ]),
+    ]
+
+
+def _run_stages(stages: list[tuple[str, list[str]]], out: Path) -> int:
+    corpus, bench, published = out / "corpus", out / "benchmark", out / "published"
     started = time.perf_counter()
     for number, (what, argv) in enumerate(stages, start=1):
         log.info("demo step %d/%d: %s: medssl %s", number, len(stages), what, " ".join(argv))
