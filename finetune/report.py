@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from finetune.config import FinetuneRunConfig
+from finetune.report3d import volume_header
 from finetune.report_clinical import clinical_sections
 from finetune.explanations import report_lines as explanation_lines
 from finetune.leakage_guard import report_lines as leakage_lines
@@ -89,6 +90,7 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
     level = round(cfg.bootstrap.confidence * 100)
     lines = [
         "# medssl benchmark report", "",
+        *volume_header(cfg),
         (f"Architecture `{cfg.model.arch}` at {cfg.input_size} px, identical recipe for every init. "
         f"Test-split metrics (AUC, ACC as defined by MedMNIST's evaluator); model selection on "
         f"validation only. Mean over effective seeds with {level}% bootstrap intervals "

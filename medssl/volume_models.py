@@ -72,6 +72,12 @@ def net_name(arch: str) -> str:
     return name
 
 
+def without_channels(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of net ``name`` without its channel count and ``spatial_dims`` (what
+    ``net_kwargs`` fills in), e.g. to build the same network for other input channels."""
+    return {k: v for k, v in kwargs.items() if k not in (_CHANNELS_ARG.get(name), "spatial_dims")}
+
+
 def net_kwargs(arch: str, in_chans: int, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The complete ``monai.networks.nets.<Net>`` kwargs: the config's, ``spatial_dims=3``, the
     channel count and the feature-extractor switches (a config contradicting one is refused)."""
