@@ -79,6 +79,12 @@ def _resampling_sentence(info: dict | None) -> str:
             f"so images count as independent (the intervals are too narrow if a patient has several).")
 
 
+def _input_words(cfg: FinetuneRunConfig) -> str:
+    if volume_header(cfg):
+        return "the input cubes above"
+    return f"{cfg.input_size} px, identical recipe for every init"
+
+
 def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], rows: list[CellRow],
                  aggregates: list[Aggregate]) -> None:
     """``report.md``: per task and protocol, AUC and ACC tables (inits side by side, with
@@ -91,7 +97,7 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
     lines = [
         "# medssl benchmark report", "",
         *volume_header(cfg),
-        (f"Architecture `{cfg.model.arch}` at {cfg.input_size} px, identical recipe for every init. "
+        (f"Architecture `{cfg.model.arch}` at {_input_words(cfg)}. "
         f"Test-split metrics (AUC, ACC as defined by MedMNIST's evaluator); model selection on "
         f"validation only. Mean over effective seeds with {level}% bootstrap intervals "
         f"({cfg.bootstrap.n} replicates), each replicate resampling the test PATIENTS where a task "

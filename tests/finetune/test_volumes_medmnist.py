@@ -110,3 +110,21 @@ def test_3d_config_refusals(tmp_path):
     check("side of the input cube", input_size=224)
     check("model.kwargs is for 3-D", model={"arch": "resnet18", "kwargs": TINY_RESNET},
           tasks=[{"name": "b", "flag": "breastmnist", "root": str(root)}])
+
+
+def test_3d_configs_validate_and_64_reads_its_own_file(tmp_path):
+    from pathlib import Path
+
+    from medssl.config import load_config
+    from medssl.errors import MedsslError
+
+    repo = Path(__file__).resolve().parents[2]
+    for name in ("medmnist3d", "medmnist3d_64", "demo3d"):
+        cfg = load_config(FinetuneRunConfig, repo / "configs" / "finetune" / f"{name}.yaml", [])
+        assert cfg.model.arch.startswith("monai:") and "imagenet" not in cfg.inits
+    cfg = _config(tmp_path, tmp_path, ["random"],
+                  tasks=[{"name": "f64", "flag": FLAG, "root": str(tmp_path), "size": 64}])
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(MedsslError, match="fracturemnist3d_64.npz not found"):
+        finetune_command(path, [])

@@ -8,7 +8,13 @@ import json
 import numpy as np
 import pytest
 import yaml
-from volume_data import TINY_RESNET, write_volume_published, write_volume_shards
+from volume_data import (
+    TINY_RESNET,
+    TINY_SWIN,
+    write_monai_ssl_file,
+    write_volume_published,
+    write_volume_shards,
+)
 
 from finetune.config import TaskConfig
 from finetune.inits import InitSource
@@ -84,3 +90,21 @@ def test_volume_shards_refuse_a_2d_arch_and_2d_weights(tmp_path):
     path = _cfg(tmp_path, folder, [f"ssl:{pub}"], model={"arch": "test_efficientnet"})
     with pytest.raises(MedsslError, match="3-D weights .*needs 2-D weights"):
         finetune_command(path, [])
+
+
+def test_monai_ssl_init_benchmarks_swin_unetr(tmp_path):
+    """random vs MONAI's Swin UNETR SSL weights (a file in the released layout) on volume shards."""
+    weights = tmp_path / "model_swinvit.pt"
+    write_monai_ssl_file(weights)
+    folder = write_volume_shards(tmp_path / "v", patients=10, per_patient=1, size=20)
+    path = _cfg(tmp_path, folder, ["random", f"monai-ssl:{weights}"], input_size=32, protocols=["linear"],
+                model={"arch": "monai:SwinUNETR", "kwargs": TINY_SWIN})
+    assert finetune_command(path, []) == 0
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    labels = {r["init_label"] for r in results["rows"] if r["status"] == "ok"}
+    assert labels == {"random", "monai-ssl:model_swinvit.pt"}
+    # The two inits' frozen features differ: the file's weights were used.
+    feats = sorted((tmp_path / "bench" / "features").glob("*.npz"))
+    assert len(feats) == 2
+    a, b = (np.load(f)["test"] for f in feats)
+    assert a.shape == b.shape == (2, 192) and not np.allclose(a, b)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 TINY_RESNET = {"block": "basic", "layers": [1, 1, 1, 1], "block_inplanes": [4, 8, 16, 32]}
+TINY_SWIN = {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
 
 
 def synthetic_volumes(labels: np.ndarray, size: int, rng: np.random.Generator,
@@ -110,3 +111,19 @@ def write_volume_published(folder: Path, kwargs=None, cube: int = 16, seed: int 
     (folder / "config.json").write_text(json.dumps(config))
     write_sums(folder, ["config.json", "model.safetensors"])
     return folder, backbone
+
+
+def write_monai_ssl_file(path: Path, kwargs=None) -> None:
+    """A file in the layout of MONAI's released ``model_swinvit.pt`` (``module.`` encoder keys,
+    ``mlp.fc1``/``fc2`` names, an SSL head) from a random Swin UNETR (tests/test_models_volumes.py
+    checks that layout against MONAI's own ``load_from``)."""
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    kwargs = kwargs or TINY_SWIN
+    torch.manual_seed(5)
+    source = SwinUNETR(in_channels=1, out_channels=1, spatial_dims=3, **kwargs)
+    state = {"module." + k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
+             for k, v in source.swinViT.state_dict().items()}
+    state["module.rotation_head.weight"] = torch.randn(4, 16 * kwargs["feature_size"])
+    torch.save({"state_dict": state}, path)
