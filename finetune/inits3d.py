@@ -82,7 +82,13 @@ def check_volume_inits(cfg: Any) -> None:
     from medssl.published import read_published
 
     if is_volume_arch(cfg.model.arch):
-        volume_suite(cfg)
+        suite = volume_suite(cfg)
+        if any(not i.is_ssl for i in cfg.init_list):
+            # Bad kwargs (a ResNet without layers, a cube a ViT was not built for) fail here,
+            # before any task is loaded, not at the first random cell.
+            from medssl.volume_models import create_volume_backbone
+
+            create_volume_backbone(suite.arch, cfg.model.in_chans or 1, suite.kwargs)
         return
     for init in cfg.init_list:
         if init.is_ssl:

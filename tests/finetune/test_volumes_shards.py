@@ -108,3 +108,11 @@ def test_monai_ssl_init_benchmarks_swin_unetr(tmp_path):
     assert len(feats) == 2
     a, b = (np.load(f)["test"] for f in feats)
     assert a.shape == b.shape == (2, 192) and not np.allclose(a, b)
+
+
+def test_bad_network_kwargs_fail_before_any_work(tmp_path):
+    folder = write_volume_shards(tmp_path / "v", patients=10, per_patient=1, size=8)
+    path = _cfg(tmp_path, folder, ["random"], model={"arch": "monai:ResNet", "kwargs": {"block": "basic"}})
+    with pytest.raises(MedsslError, match="model.arch monai:ResNet: .*layers"):
+        finetune_command(path, [])
+    assert not (tmp_path / "bench" / "cells.jsonl").exists()
