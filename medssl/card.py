@@ -80,7 +80,7 @@ def build_card(info: CardInfo) -> ModelCard:
         _deid(),
         _training(info),
         _results(info.results),
-        _intended_use(),
+        _intended_use(info.volume is not None),
         _limitations(info),
         _how_to_load(info),
     ]
@@ -261,11 +261,15 @@ def _words(text: str) -> str:
     return " ".join(kept)[:400]
 
 
-def _intended_use() -> str:
+def _intended_use(volume: bool = False) -> str:
+    # No ImageNet weights exist for a 3-D network: the baselines there are random weights and
+    # MONAI's own self-supervised Swin UNETR encoder.
+    against = ("random initialisation (and, for Swin UNETR, MONAI's self-supervised weights)"
+               if volume else "ImageNet and random initialisation")
     return (
         "## Intended use\n\n"
-        "Initialisation for fine-tuning or linear probing on medical-imaging research tasks, "
-        "and comparison against ImageNet and random initialisation. Evaluate on your own "
+        f"Initialisation for fine-tuning or linear probing on medical-imaging research tasks, "
+        f"and comparison against {against}. Evaluate on your own "
         "held-out, patient-disjoint data before drawing conclusions.\n"
     )
 

@@ -147,6 +147,7 @@ def test_card_says_3d_and_keeps_every_section(published3d):
         assert section in text, section
     assert "Not for clinical use" in text and "sha256sum -c SHA256SUMS" in text
     assert "| input size (voxels) | 16×16×16 |" in text
+    assert "comparison against random initialisation" in text    # no ImageNet in 3-D
     assert str(out.parent) not in text        # no path reaches the card
 
 
