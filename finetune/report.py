@@ -14,10 +14,10 @@ import math
 from pathlib import Path
 
 from finetune.config import FinetuneRunConfig
-from finetune.report3d import volume_header
-from finetune.report_clinical import clinical_sections
 from finetune.explanations import report_lines as explanation_lines
 from finetune.leakage_guard import report_lines as leakage_lines
+from finetune.report3d import volume_header
+from finetune.report_clinical import clinical_sections
 from medssl.init import reference
 from medssl.results import Aggregate, CellRow, Difference
 

@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 from finetune.aggregate import aggregate_task, resampling_of
 from finetune.cells import CellSpec, CellStore, cell_key
 from finetune.config import FinetuneRunConfig, TaskConfig
-from finetune.evaluation import check_evaluation, clinical_aggregates, fold_name, folds_of, needed_attributes
+from finetune.evaluation import (
+    check_evaluation,
+    clinical_aggregates,
+    fold_name,
+    folds_of,
+    needed_attributes,
+)
 from finetune.explanations import check_config as check_explain
 from finetune.explanations import explain_task
 from finetune.fractions import draw_subset

@@ -254,8 +254,7 @@ def monai_ssl_encoder_state(raw: Any, where: str) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         name = str(key)
         for prefix in ("module.", "swinViT."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
+            name = name.removeprefix(prefix)
         name = name.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
         out[name] = value
     return out
@@ -277,7 +276,7 @@ def _from_monai_ssl(arch: str, in_chans: int, kwargs: dict[str, Any] | None,
         raise MedsslError(f"init {where}: file not found (MONAI's model_swinvit.pt, downloaded by hand)")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:   # not weights-only loadable: refuse, never unpickle
+    except Exception as exc:  # noqa: BLE001 - not weights-only loadable: refuse, never unpickle
         raise MedsslError(f"{path}: cannot load as a weights-only torch file ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     found = monai_ssl_encoder_state(raw, str(path))
