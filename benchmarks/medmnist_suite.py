@@ -18,11 +18,11 @@ Cells = inits x label fractions x seeds, as in configs/finetune/medmnist.yaml.
 
 A ``monai:<Net>`` arch (with ``--kwargs``, a JSON object) times the six 3-D MedMNIST tasks
 instead: 28- or 64-voxel volumes (``--volume-size``) resized to ``--input-size``³, as
-configs/finetune/medmnist3d.yaml runs them (one channel, no kNN there: ``--ks 0``).
+configs/finetune/medmnist3d.yaml runs them (one channel).
 
     python benchmarks/medmnist_suite.py --arch resnet18 --input-size 28 --sample 128
     python benchmarks/medmnist_suite.py --arch resnet50 --input-size 224 --device cuda --sample 1024
-    python benchmarks/medmnist_suite.py --arch monai:ResNet --input-size 28 --ks 0 --sample 64 \
+    python benchmarks/medmnist_suite.py --arch monai:ResNet --input-size 28 --sample 64 \
         --kwargs '{"block": "basic", "layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512]}'
 """
 

@@ -116,3 +116,16 @@ def test_bad_network_kwargs_fail_before_any_work(tmp_path):
     with pytest.raises(MedsslError, match="model.arch monai:ResNet: .*layers"):
         finetune_command(path, [])
     assert not (tmp_path / "bench" / "cells.jsonl").exists()
+
+
+def test_3d_weights_pretrained_on_the_tasks_test_split_are_refused(tmp_path):
+    """The leakage guard reads a 3-D published dir's record like a 2-D one's."""
+    import hashlib
+
+    folder = write_volume_shards(tmp_path / "v", patients=10, per_patient=1, size=8)
+    digest = hashlib.sha256((folder / "index.json").read_bytes()).hexdigest()
+    pub, _ = write_volume_published(tmp_path / "pub3d", pretraining_data=[
+        {"split": "test", "index_sha256": digest, "salt_id": None, "shards": 1, "samples": 2}])
+    with pytest.raises(MedsslError, match="pretrained on this task's test split"):
+        finetune_command(_cfg(tmp_path, folder, ["random", f"ssl:{pub}"]), [])
+    assert not (tmp_path / "bench" / "cells.jsonl").exists()

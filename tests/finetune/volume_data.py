@@ -92,8 +92,10 @@ def write_volume_shards(out: Path, patients: int = 20, per_patient: int = 2, siz
     return out
 
 
-def write_volume_published(folder: Path, kwargs=None, cube: int = 16, seed: int = 3):
-    """A 3-D published dir (monai:ResNet) of random weights, as `medssl publish` writes it."""
+def write_volume_published(folder: Path, kwargs=None, cube: int = 16, seed: int = 3,
+                           pretraining_data: list[dict] | None = None):
+    """A 3-D published dir (monai:ResNet) of random weights, as `medssl publish` writes it;
+    ``pretraining_data``: what its config.json says pretraining read."""
     import torch
     from safetensors.torch import save_file
 
@@ -107,7 +109,7 @@ def write_volume_published(folder: Path, kwargs=None, cube: int = 16, seed: int 
     config = volume_config("monai:ResNet", "ResNet", backbone.net_kwargs, backbone.num_features, 1,
                            (cube,) * 3, [0.5], [0.25], "other", "simclr", [1.5, 1.5, 2.0],
                            {"window": {"center": 40.0, "width": 400.0}, "steps": 5,
-                            "pretraining_data": []})
+                            "pretraining_data": pretraining_data or []})
     (folder / "config.json").write_text(json.dumps(config))
     write_sums(folder, ["config.json", "model.safetensors"])
     return folder, backbone
