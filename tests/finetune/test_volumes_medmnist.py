@@ -48,6 +48,12 @@ def test_medmnist3d_loads_with_medmnist_classes(tmp_path):
     for split, n in medmnist.INFO[FLAG]["n_samples"].items():
         assert task.splits[split].images.shape == (n, 1, 28, 28, 28)
         assert task.splits[split].images.dtype == np.uint8
+    # Not the official file: medmnist's own split-size check, as one line.
+    from medssl.errors import MedsslError
+
+    write_medmnist3d_npz(tmp_path / "bad", FLAG, sizes={"train": 10, "val": 5, "test": 5})
+    with pytest.raises(MedsslError, match="has 10 train images, medmnist expects 1027"):
+        load_task(TaskConfig(name=FLAG, flag=FLAG, root=str(tmp_path / "bad")))
 
 
 @pytest.mark.slow

@@ -26,7 +26,8 @@ def synthetic_volumes(labels: np.ndarray, size: int, rng: np.random.Generator,
     return vols.clip(0, 255).astype(np.uint8)
 
 
-def write_medmnist3d_npz(root: Path, flag: str = "fracturemnist3d", size: int = 28, seed: int = 0) -> Path:
+def write_medmnist3d_npz(root: Path, flag: str = "fracturemnist3d", size: int = 28, seed: int = 0,
+                         sizes: dict[str, int] | None = None) -> Path:
     """``{flag}.npz`` / ``{flag}_64.npz`` exactly as medmnist lays them out: ``{split}_images``
     uint8 ``[N, S, S, S]`` and ``{split}_labels`` ``[N, 1]``, with the official split sizes."""
     import medmnist
@@ -35,7 +36,7 @@ def write_medmnist3d_npz(root: Path, flag: str = "fracturemnist3d", size: int = 
     n_classes = len(info["label"])
     rng = np.random.default_rng(seed)
     arrays = {}
-    for split, n in info["n_samples"].items():
+    for split, n in (sizes or info["n_samples"]).items():
         labels = (np.arange(n) % n_classes).astype(np.uint8)[:, None]
         rng.shuffle(labels)
         arrays[f"{split}_images"] = synthetic_volumes(labels, size, rng)
