@@ -150,3 +150,15 @@ def test_init_parses_monai_ssl():
     assert Init.parse("ssl:/w/pub").kind == "ssl"
     with pytest.raises(ConfigError, match="monai-ssl:FILE"):
         Init.parse("monai-ssl:")
+
+
+def test_monai_ssl_backbone_fine_tunes_its_encoder_only(tmp_path):
+    """Full fine-tuning trains the loaded Swin encoder; the never-used decoder stays frozen."""
+    path = tmp_path / "model_swinvit.pt"
+    write_monai_ssl_file(path)
+    backbone, _ = load_volume_backbone("monai:SwinUNETR", 1, SWIN, f"monai-ssl:{path}")
+    head = torch.nn.Linear(backbone.num_features, 2)
+    head(backbone(torch.randn(2, 1, 32, 32, 32))).sum().backward()
+    grads = {n: p.grad for n, p in backbone.net.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if n.startswith("swinViT.") and "cross_attn" not in n)
+    assert all(g is None for n, g in grads.items() if not n.startswith("swinViT."))
