@@ -16,8 +16,14 @@ channel count, and extrapolates:
 
 Cells = inits x label fractions x seeds, as in configs/finetune/medmnist.yaml.
 
+A ``monai:<Net>`` arch (with ``--kwargs``, a JSON object) times the six 3-D MedMNIST tasks
+instead: 28- or 64-voxel volumes (``--volume-size``) resized to ``--input-size``³, as
+configs/finetune/medmnist3d.yaml runs them (one channel).
+
     python benchmarks/medmnist_suite.py --arch resnet18 --input-size 28 --sample 128
     python benchmarks/medmnist_suite.py --arch resnet50 --input-size 224 --device cuda --sample 1024
+    python benchmarks/medmnist_suite.py --arch monai:ResNet --input-size 28 --sample 64 \
+        --kwargs '{"block": "basic", "layers": [2, 2, 2, 2], "block_inplanes": [64, 128, 256, 512]}'
 """
 
 from __future__ import annotations
@@ -35,19 +41,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.config import MEDMNIST_2D, FinetuneConfig
+from finetune.config3d import MEDMNIST_3D
 from finetune.features import extract
 from finetune.full import run_finetune
 from finetune.inits import InitSource
 from finetune.knn import knn_scores
 from finetune.linear import run_linear
 from finetune.preprocess import Preprocessor
+from finetune.preprocess3d import VolumePreprocessor
 from finetune.tasks import Split, TaskData
+from medssl.volume_models import create_volume_backbone, is_volume_arch
 
 log = logging.getLogger("medmnist_suite")
 
 
-def synthetic_split(n: int, channels: int, n_classes: int, multilabel: bool, rng) -> Split:
-    imgs = rng.integers(0, 256, size=(n, 28, 28, channels), dtype=np.uint8)
+def synthetic_split(n: int, channels: int, n_classes: int, multilabel: bool, rng,
+                    volume_size: int | None = None) -> Split:
+    shape = (n, channels, *(volume_size,) * 3) if volume_size else (n, 28, 28, channels)
+    imgs = rng.integers(0, 256, size=shape, dtype=np.uint8)
     if multilabel:
         labels = (rng.random((n, n_classes)) < 0.2).astype(np.int64)
         labels[np.arange(n), np.arange(n) % n_classes] = 1
@@ -57,15 +68,23 @@ def synthetic_split(n: int, channels: int, n_classes: int, multilabel: bool, rng
 
 
 def measure(arch: str, input_size: int, device: torch.device, channels: int, sample: int,
-            batch_size: int, linear_rows: int, n_classes: int = 8) -> dict:
-    """Per-unit costs on ``device`` for ``channels``-channel 28-px inputs."""
+            batch_size: int, linear_rows: int, n_classes: int = 8, kwargs: dict | None = None,
+            volume_size: int | None = None) -> dict:
+    """Per-unit costs on ``device`` for ``channels``-channel 28-px inputs (3-D: volumes of
+    ``volume_size`` voxels a side)."""
     import timm
 
     rng = np.random.default_rng(0)
-    source = InitSource("random", "random", channels, (0.5,) * channels, (0.25,) * channels, None,
-                        make=lambda: timm.create_model(arch, num_classes=0, in_chans=channels))
-    prep = Preprocessor(source, input_size, "nearest")
-    split = synthetic_split(sample, channels, n_classes, False, rng)
+    if volume_size:
+        source = InitSource("random", "random", channels, (0.0,) * channels, (1.0,) * channels, None,
+                            make=lambda: create_volume_backbone(arch, channels, kwargs),
+                            input_size=(input_size,) * 3, spatial_dims=3)
+        prep = VolumePreprocessor(source)
+    else:
+        source = InitSource("random", "random", channels, (0.5,) * channels, (0.25,) * channels, None,
+                            make=lambda: timm.create_model(arch, num_classes=0, in_chans=channels))
+        prep = Preprocessor(source, input_size, "nearest")
+    split = synthetic_split(sample, channels, n_classes, False, rng, volume_size)
     model = source.make().to(device)
     for _ in range(2):  # warm-up: allocator, cuDNN autotuning, lazy init
         extract(model, Split(split.images[:batch_size], split.labels[:batch_size]), prep, device, batch_size)
@@ -77,7 +96,7 @@ def measure(arch: str, input_size: int, device: torch.device, channels: int, sam
 
     # One fine-tuning epoch on `sample` images; val and test of 2 images keep evaluation
     # out of the timing (the epoch's evaluation cost is counted from eval_rate instead).
-    tiny = synthetic_split(2, channels, n_classes, False, rng)
+    tiny = synthetic_split(2, channels, n_classes, False, rng, volume_size)
     task = TaskData("bench", "multi-class", n_classes, channels, "medmnist",
                     {"train": split, "val": tiny, "test": tiny})
     cfg = FinetuneConfig(epochs=1, batch_size=batch_size, patience=1)
@@ -115,11 +134,11 @@ def sync(device: torch.device) -> None:
 
 
 def estimate(costs: dict[int, dict], inits: int, fractions: list[float], seeds: int, n_cs: int,
-             n_ks: int, epochs: int) -> list[dict]:
+             n_ks: int, epochs: int, flags: tuple[str, ...] = MEDMNIST_2D) -> list[dict]:
     import medmnist
 
     rows = []
-    for flag in MEDMNIST_2D:
+    for flag in flags:
         info = medmnist.INFO[flag]
         n = info["n_samples"]
         c = costs[int(info["n_channels"])]
@@ -162,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--kwargs", default="{}", help="3-D: monai.networks.nets.<Net> kwargs (JSON)")
+    p.add_argument("--volume-size", type=int, default=28, help="3-D: MedMNIST file size (28 or 64)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -173,12 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in devices:
         device = torch.device(name)
         label = torch.cuda.get_device_name(device) if name == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+        volume = is_volume_arch(args.arch)
         costs = {ch: measure(args.arch, args.input_size, device, ch, args.sample, args.batch_size,
-                             args.linear_rows) for ch in (1, 3)}
-        rows = estimate(costs, args.inits, fractions, args.seeds, args.cs, args.ks, args.epochs)
+                             args.linear_rows, kwargs=json.loads(args.kwargs),
+                             volume_size=args.volume_size if volume else None)
+                 for ch in ((1,) if volume else (1, 3))}
+        rows = estimate(costs, args.inits, fractions, args.seeds, args.cs, args.ks, args.epochs,
+                        MEDMNIST_3D if volume else MEDMNIST_2D)
+        unit = "volumes" if volume else "img"
         report["devices"][name] = {"device": label, "costs": costs, "tasks": rows}
-        print(f"\n{args.arch} @ {args.input_size} px on {label}: extraction {costs[3]['eval_img_s']:.0f} img/s, "
-              f"training {costs[3]['train_img_s']:.0f} img/s (RGB); {args.inits} inits x "
+        top = costs[max(costs)]
+        print(f"\n{args.arch} @ {args.input_size} px on {label}: extraction {top['eval_img_s']:.1f} {unit}/s, "
+              f"training {top['train_img_s']:.1f} {unit}/s ({'1-channel volumes' if volume else 'RGB'}); {args.inits} inits x "
               f"{len(fractions)} fractions x {args.seeds} seeds, {args.epochs} epochs max")
         print(f"| task | train/val/test | features | knn | linear | finetune | total |\n|{'---|' * 7}")
         for r in rows:
@@ -187,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{human(r['knn_s'])} | {human(r['linear_s'])} | {human(r['finetune_s'])} | {human(r['total_s'])} |")
         keys = ("features_s", "knn_s", "linear_s", "finetune_s", "total_s")
         sums = {k: sum(r[k] for r in rows) for k in keys}
-        print("| **all 12** | | " + " | ".join(human(sums[k]) for k in keys) + " |")
+        print(f"| **all {len(rows)}** | | " + " | ".join(human(sums[k]) for k in keys) + " |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

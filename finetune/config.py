@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from finetune.config3d import MEDMNIST_3D, MEDMNIST_3D_SIZES, check_volume_config
 from finetune.evaluation_config import EvaluationConfig
 from medssl.errors import ConfigError
 from medssl.init import Init
@@ -24,10 +25,14 @@ MEDMNIST_2D = (
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"        # timm architecture every init is built as
+    #: timm architecture every init is built as, or monai:<Net> for 3-D (finetune/config3d.py)
+    arch: str = "resnet18"
     #: Channels fed to the network; None = the task's own (1 for grayscale, 3 for RGB).
     #: An ssl init always uses its published in_chans (images are converted to match).
     in_chans: int | None = None
+    #: 3-D only: monai.networks.nets.<Net> kwargs of random and monai-ssl inits; None = the first
+    #: ssl init's (its config.json), so every init is the same network, else MONAI's defaults.
+    kwargs: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.arch:
@@ -44,7 +49,7 @@ class TaskConfig:
     kind: Literal["medmnist", "shards"] = "medmnist"   # MedMNIST npz files, or labeled shards
     flag: str | None = None       # medmnist: e.g. breastmnist
     root: str | None = None       # medmnist: folder holding {flag}.npz / {flag}_{size}.npz
-    size: int = 28                # medmnist: 28 | 64 | 128 | 224 (the npz file's native size)
+    size: int = 28                # medmnist: 28 | 64 | 128 | 224 (the npz file's native size; 3-D: 28 | 64)
     path: str | None = None       # shards: folder with index.json
 
     def __post_init__(self) -> None:
@@ -53,11 +58,13 @@ class TaskConfig:
         if self.kind == "medmnist":
             if self.flag is None:
                 self.flag = self.name or None
-            if self.flag not in MEDMNIST_2D:
+            if self.flag not in MEDMNIST_2D + MEDMNIST_3D:
                 raise ConfigError(
-                    f"tasks: {self.name!r}: flag must be one of the 2-D MedMNIST datasets "
-                    f"({', '.join(MEDMNIST_2D)}), got {self.flag!r}"
+                    f"tasks: {self.name!r}: flag must be one of the MedMNIST datasets "
+                    f"({', '.join(MEDMNIST_2D + MEDMNIST_3D)}), got {self.flag!r}"
                 )
+            if self.flag in MEDMNIST_3D and self.size not in MEDMNIST_3D_SIZES:
+                raise ConfigError(f"tasks: {self.name!r}: a 3-D MedMNIST size must be 28 or 64")
             if self.size not in (28, 64, 128, 224):
                 raise ConfigError(f"tasks: {self.name!r}: size must be 28, 64, 128 or 224")
             if not self.root:
@@ -202,3 +209,4 @@ class FinetuneRunConfig:
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda", "mps")):
             raise ConfigError(f"device must be auto, cpu, cuda[:N] or mps, got {self.device!r}")
         self.evaluation.check_run(self.protocols, self.label_fractions)
+        check_volume_config(self)

@@ -75,7 +75,9 @@ def run_finetune(make_backbone: Callable[[], nn.Module], task: TaskData, train_i
             x = prep(train, idx).to(device)
             if cfg.hflip:
                 flip = torch.rand(len(x), device=device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                # Left-right: the width axis of an image, the RAS x axis (dim 2) of a volume.
+                axis = 2 if x.dim() == 5 else -1
+                x = torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(axis), x)
             y = torch.from_numpy(labels[idx]).to(device)
             y = y.float() if multilabel else y[:, 0].long()
             loss = loss_fn(model(x), y)

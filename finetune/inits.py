@@ -1,5 +1,7 @@
 """Initialisation sources: ``ssl:DIR`` (a published dir), ``imagenet`` and ``random``.
 
+(3-D suites, ``model.arch: monai:<Net>``, build theirs in finetune/inits3d.py.)
+
 All three build the same timm architecture through ``medssl.models.create_backbone``, so a
 comparison differs only in the starting weights. Each source also fixes the input recipe:
 channels, mean/std and (for grayscale scans) the intensity window.
@@ -37,6 +39,8 @@ class InitSource:
     std: tuple[float, ...]
     window: tuple[float, float] | None   # (center, width) for grayscale; None = sample's own
     make: Callable[[], nn.Module]        # a fresh backbone with these weights, per call
+    input_size: tuple[int, ...] | None = None   # 3-D: the (X, Y, Z) cube it takes
+    spatial_dims: int = 2
 
 
 def fingerprint(init: Init, imagenet_weights: str | None) -> str:
@@ -49,6 +53,10 @@ def fingerprint(init: Init, imagenet_weights: str | None) -> str:
         return "ssl:" + hashlib.sha256(sums.read_bytes()).hexdigest()[:16]
     if init.kind == "imagenet":
         return f"imagenet:{Path(imagenet_weights).name if imagenet_weights else 'auto'}"
+    if init.is_monai_ssl:
+        from finetune.inits3d import monai_ssl_fingerprint
+
+        return monai_ssl_fingerprint(init)
     return init.kind
 
 

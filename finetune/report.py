@@ -14,9 +14,10 @@ import math
 from pathlib import Path
 
 from finetune.config import FinetuneRunConfig
-from finetune.report_clinical import clinical_sections
 from finetune.explanations import report_lines as explanation_lines
 from finetune.leakage_guard import report_lines as leakage_lines
+from finetune.report3d import volume_header
+from finetune.report_clinical import clinical_sections
 from medssl.init import reference
 from medssl.results import Aggregate, CellRow, Difference
 
@@ -78,6 +79,12 @@ def _resampling_sentence(info: dict | None) -> str:
             f"so images count as independent (the intervals are too narrow if a patient has several).")
 
 
+def _input_words(cfg: FinetuneRunConfig) -> str:
+    if volume_header(cfg):
+        return "the input cubes above"
+    return f"{cfg.input_size} px, identical recipe for every init"
+
+
 def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], rows: list[CellRow],
                  aggregates: list[Aggregate]) -> None:
     """``report.md``: per task and protocol, AUC and ACC tables (inits side by side, with
@@ -89,7 +96,8 @@ def write_report(path: Path, cfg: FinetuneRunConfig, tasks: dict[str, dict], row
     level = round(cfg.bootstrap.confidence * 100)
     lines = [
         "# medssl benchmark report", "",
-        (f"Architecture `{cfg.model.arch}` at {cfg.input_size} px, identical recipe for every init. "
+        *volume_header(cfg),
+        (f"Architecture `{cfg.model.arch}` at {_input_words(cfg)}. "
         f"Test-split metrics (AUC, ACC as defined by MedMNIST's evaluator); model selection on "
         f"validation only. Mean over effective seeds with {level}% bootstrap intervals "
         f"({cfg.bootstrap.n} replicates), each replicate resampling the test PATIENTS where a task "

@@ -30,17 +30,25 @@ from tqdm.auto import tqdm
 from finetune.aggregate import aggregate_task, resampling_of
 from finetune.cells import CellSpec, CellStore, cell_key
 from finetune.config import FinetuneRunConfig, TaskConfig
-from finetune.evaluation import check_evaluation, clinical_aggregates, fold_name, folds_of, needed_attributes
+from finetune.evaluation import (
+    check_evaluation,
+    clinical_aggregates,
+    fold_name,
+    folds_of,
+    needed_attributes,
+)
 from finetune.explanations import check_config as check_explain
 from finetune.explanations import explain_task
 from finetune.fractions import draw_subset
 from finetune.inits import fingerprint, load_init
+from finetune.inits3d import VolumeSuite, check_volume_inits, load_volume_init, volume_suite
 from finetune.leakage_guard import SuiteGuard
 from finetune.leakage_guard import preflight as leakage_preflight
 from finetune.metrics import evaluate
 from finetune.plots import plot_task
 from finetune.plots_clinical import plot_task_clinical
 from finetune.preprocess import Preprocessor
+from finetune.preprocess3d import VolumePreprocessor
 from finetune.protocols import RANDOM_PER_SEED, FrozenFeatures, run_protocol, seed_free
 from finetune.report import write_report
 from finetune.shift import ShiftFold
@@ -50,6 +58,7 @@ from medssl.config import git_sha, load_config, save_config, to_dict
 from medssl.errors import MedsslError
 from medssl.init import Init
 from medssl.results import CellRow, Results
+from medssl.volume_models import is_volume_arch
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +99,8 @@ def _preflight(cfg: FinetuneRunConfig) -> SuiteGuard:
             raise MedsslError(f"tasks: {task.name}: {Path(task.path) / 'index.json'} not found; "
                               "point path at a folder written by `medssl shard --recipe ...`")
     for init in cfg.init_list:
-        fingerprint(init, cfg.imagenet_weights)  # raises for a missing published dir
+        fingerprint(init, cfg.imagenet_weights)  # raises for a missing published dir or file
+    check_volume_inits(cfg)   # 3-D weights in a 3-D suite only, and the reverse
     if cfg.imagenet_weights and not Path(cfg.imagenet_weights).is_file():
         raise MedsslError(f"imagenet_weights: {cfg.imagenet_weights} not found")
     check_explain(cfg)
@@ -113,16 +123,24 @@ def run_suite(cfg: FinetuneRunConfig, guard: SuiteGuard | None = None) -> Result
     rows: list[CellRow] = []
     aggregates = []
     tasks_info: dict[str, dict] = {}
+    suite = volume_suite(cfg) if is_volume_arch(cfg.model.arch) else None
     try:
         for task_cfg in cfg.tasks:
-            task = load_task(task_cfg, side=cfg.input_size)
+            task = load_task(task_cfg, side=suite.max_side if suite else cfg.input_size)
+            if (task.spatial_dims == 3) != (suite is not None):
+                raise MedsslError(f"tasks: {task.name}: {task.spatial_dims}-D data and model.arch "
+                                  f"{cfg.model.arch} ({'3' if suite else '2'}-D); benchmark volumes "
+                                  "with a monai:<Net> arch and images with a timm one")
             # Before any of the task's cells: the attributes the evaluation needs, the folds.
             check_evaluation(task, cfg.evaluation, task_cfg.path or task_cfg.root)
             folds = folds_of(task, cfg.evaluation)
             unit = resampling_of(task)
             tasks_info[task.name] = {"task": task.task, "n": {s: len(task.splits[s]) for s in SPLITS},
                                      "resampling": {"unit": unit.unit, "n_units": unit.n_units}}
-            task_rows = guard.mark(task.name, _run_task(cfg, task_cfg, task, store, tracker, device, folds))
+            if suite is not None:
+                tasks_info[task.name]["spatial_dims"] = 3
+            task_rows = guard.mark(task.name, _run_task(cfg, task_cfg, task, store, tracker, device, folds,
+                                                        suite))
             tasks_info[task.name]["leakage"] = guard.task_record(task_cfg, out)
             if cfg.evaluation.explain is not None:
                 tasks_info[task.name]["explanations"] = explain_task(
@@ -147,7 +165,8 @@ def run_suite(cfg: FinetuneRunConfig, guard: SuiteGuard | None = None) -> Result
 
 
 def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, store: CellStore,
-              tracker: Tracker, device: torch.device, folds: list[ShiftFold]) -> list[CellRow]:
+              tracker: Tracker, device: torch.device, folds: list[ShiftFold],
+              suite: VolumeSuite | None = None) -> list[CellRow]:
     train = task.splits["train"]
     labels = {s: task.splits[s].labels for s in SPLITS}
     subsets = {(f, s): draw_subset(train.labels, f, s, train.patients, task.multilabel)
@@ -164,6 +183,8 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
     shift_fractions = cfg.evaluation.shift_fractions(cfg.label_fractions)
     common = {"task": task.fingerprint, "arch": cfg.model.arch, "in_chans": cfg.model.in_chans,
               "input_size": cfg.input_size, "interpolation": cfg.interpolation}
+    if suite is not None:   # 3-D only, so 2-D keys (and their finished cells) stay as they were
+        common["volume"] = {"kwargs": suite.kwargs, "cube": list(suite.cube)}
     protocol_cfg = {"knn": to_dict(cfg.knn), "linear": to_dict(cfg.linear), "finetune": to_dict(cfg.finetune)}
     rows: list[CellRow] = []
     for init in cfg.init_list:
@@ -190,7 +211,8 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
         log.info("%s / %s: %d cells to run, %d already finished", task.name, init.label,
                  len(todo), len(cells) - len(todo))
         try:
-            source = load_init(init, cfg.model.arch, task.channels, cfg.model.in_chans, cfg.imagenet_weights)
+            source = (load_volume_init(init, suite, task.channels, cfg.model.in_chans) if suite else
+                      load_init(init, cfg.model.arch, task.channels, cfg.model.in_chans, cfg.imagenet_weights))
         except MedsslError as exc:
             from medssl.models import WeightsUnavailable
 
@@ -200,7 +222,7 @@ def _run_task(cfg: FinetuneRunConfig, task_cfg: TaskConfig, task: TaskData, stor
             rows += [_row(task, init, c, len(_subset(subsets, c)), status="skipped", reason=str(exc))
                      for c in todo]
             continue
-        prep = Preprocessor(source, cfg.input_size, cfg.interpolation)
+        prep = VolumePreprocessor(source) if suite else Preprocessor(source, cfg.input_size, cfg.interpolation)
         features = FrozenFeatures(cfg, task, init, fp, common, source.make, prep, device)
         seedless: dict[tuple, dict] = {}   # results that cannot depend on the seed, computed once
         for cell in tqdm(todo, desc=f"{task.name}/{init.label}", leave=False):

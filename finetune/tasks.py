@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from finetune.config import TaskConfig
+from finetune.config3d import MEDMNIST_3D
 from finetune.evaluation_config import ATTRIBUTES
 from finetune.subgroups import attribute_values
+from finetune.tasks3d import medmnist_volumes, shrink_volume
 from medssl.errors import MedsslError
 from medssl.sample import ShardSample
 
@@ -31,7 +33,8 @@ SHARD_TASK_TYPES = {"binary": "binary-class", "multiclass": "multi-class", "mult
 @dataclass
 class Split:
     """One split. ``images``: uint8 ``[N, H, W, C]`` (MedMNIST) or a list of ``[C, H, W]`` arrays
-    (shards: uint16 grayscale or uint8 RGB). ``windows``: per-sample ``(center, width)`` in
+    (shards: uint16 grayscale or uint8 RGB); 3-D: uint8 ``[N, C, X, Y, Z]`` (MedMNIST) or a list
+    of uint16 ``[1, X, Y, Z]`` volumes (finetune/tasks3d.py). ``windows``: per-sample ``(center, width)`` in
     modality units for grayscale shards, else None. ``labels``: ``[N, L]`` int64."""
 
     images: np.ndarray | list[np.ndarray]
@@ -67,11 +70,12 @@ class TaskData:
     task: str              # medmnist task string
     n_classes: int         # output columns of a score matrix (labels for multi-label)
     channels: int          # 1 or 3
-    source: str            # "medmnist" | "grayscale-shards" | "rgb-shards"
+    source: str            # "medmnist" | "grayscale-shards" | "rgb-shards" | "volume-shards"
     splits: dict[str, Split] = field(default_factory=dict)
     #: What defines the task's data, for cell keys (MedMNIST: flag, size and split sizes, as the
     #: official files are fixed; shards: every shard's sha256 from index.json).
     fingerprint: dict = field(default_factory=dict)
+    spatial_dims: int = 2  # 3 for volumes
 
     @property
     def multilabel(self) -> bool:
@@ -103,6 +107,7 @@ def _load_medmnist(cfg: TaskConfig) -> TaskData:
             f"(or `python -m medmnist download`) into {cfg.root}"
         )
     cls = getattr(medmnist, info["python_class"])
+    volume = cfg.flag in MEDMNIST_3D
     splits = {}
     for split in SPLITS:
         ds = cls(split=split, root=str(cfg.root), size=cfg.size, download=False)
@@ -114,7 +119,9 @@ def _load_medmnist(cfg: TaskConfig) -> TaskData:
                 f"{info['n_samples'][split]}; the file is not the official {cfg.flag}{suffix}.npz"
             ) from None
         imgs = np.asarray(ds.imgs)
-        if imgs.ndim == 3:
+        if volume:
+            imgs = medmnist_volumes(imgs)
+        elif imgs.ndim == 3:
             imgs = imgs[..., None]
         splits[split] = Split(images=imgs, labels=np.asarray(ds.labels).astype(np.int64).reshape(len(imgs), -1))
     task = info["task"]
@@ -124,11 +131,15 @@ def _load_medmnist(cfg: TaskConfig) -> TaskData:
         source="medmnist", splits=splits,
         fingerprint={"kind": "medmnist", "flag": cfg.flag, "size": cfg.size,
                      "n": {s: len(v) for s, v in splits.items()}},
+        spatial_dims=3 if volume else 2,
     )
 
 
 def _shrink(image: np.ndarray, side: int | None) -> np.ndarray:
-    """``[C, H, W]`` uint8/uint16 -> ``[C, side, side]`` same dtype, when larger than ``side``."""
+    """``[C, H, W]`` uint8/uint16 -> ``[C, side, side]`` same dtype, when larger than ``side``
+    (a ``[C, X, Y, Z]`` volume: finetune/tasks3d.py)."""
+    if image.ndim == 4:
+        return shrink_volume(image, side)
     if side is None or (image.shape[1] <= side and image.shape[2] <= side):
         return image
     import torch
@@ -153,6 +164,7 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
     n_classes = len(names) if names else 2
     splits: dict[str, Split] = {}
     channels = None
+    dims: set[bool] = set()
     for split in SPLITS:
         images, labels, patients, intensity, windows, attrs = [], [], [], [], [], []
         for sample in _iter_split(root, split):
@@ -165,6 +177,7 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
             windows.append(sample.window)
             attrs.append(_attributes(sample))
             channels = channels or sample.channels
+            dims.add(sample.is_volume)
         if not images:
             raise MedsslError(f"tasks: {cfg.name}: {root} has no {split} samples; re-shard with a {split} split")
         lab_arr = np.asarray(labels, dtype=np.int64)
@@ -173,6 +186,9 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
                               intensity=intensity if channels == 1 else None,
                               windows=windows if channels == 1 else None,
                               attributes=_attribute_arrays(attrs))
+    if len(dims) > 1:
+        raise MedsslError(f"tasks: {cfg.name}: {root} mixes 2-D images and volumes; shard them apart")
+    volume = dims == {True}
     if kind == "multiclass":
         seen = int(max(s.labels.max() for s in splits.values())) + 1
         n_classes = max(n_classes, seen)
@@ -180,7 +196,8 @@ def _load_shards(cfg: TaskConfig, side: int | None = None) -> TaskData:
         n_classes = splits["train"].labels.shape[1]
     return TaskData(
         name=cfg.name, task=SHARD_TASK_TYPES[kind], n_classes=n_classes, channels=int(channels or 1),
-        source="grayscale-shards" if channels == 1 else "rgb-shards", splits=splits,
+        source="volume-shards" if volume else "grayscale-shards" if channels == 1 else "rgb-shards",
+        splits=splits, spatial_dims=3 if volume else 2,
         # Content, not location: a moved shard folder keeps its finished cells.
         fingerprint={"kind": "shards",
                      "shards": sorted((k, v.get("sha256")) for k, v in index.get("shards", {}).items())},

@@ -16,8 +16,11 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from medssl.card_volume import VolumeCard
 from medssl.results import Results
 from medssl.rundir import ShardSource
+
+__all__ = ["CardInfo", "VolumeCard", "build_card"]
 
 _CODE = re.compile(r"^[A-Za-z0-9_.+-]{1,32}$")
 _FORMAT = re.compile(r"^medssl-shards/\d+$")
@@ -50,16 +53,20 @@ class CardInfo:
     hashed_patients: dict[str, int] = field(default_factory=dict)
     started_from: str | None = None      # the backbone's weights at step 0 (run.json)
     checkpoint: dict[str, Any] | None = None   # {"step", "chosen_by", "rankme"} (medssl publish)
+    volume: VolumeCard | None = None     # 3-D weights (monai:<Net>): network, input cube, spacing
 
 
 def build_card(info: CardInfo) -> ModelCard:
     """The ModelCard for ``info``: YAML metadata (licence, library, tags) plus markdown."""
-    tags = ["medical-imaging", "self-supervised", info.method, "timm", "medssl"]
+    library = "monai" if info.volume else "timm"
+    tags = ["medical-imaging", "self-supervised", info.method, library, "medssl"]
+    if info.volume:
+        tags.append("3d")
     if info.modality:
         tags.append(_code(info.modality).lower())
     data = ModelCardData(
         license=info.license,
-        library_name="timm",
+        library_name=library,
         pipeline_tag="image-feature-extraction",
         tags=tags,
     )
@@ -73,7 +80,7 @@ def build_card(info: CardInfo) -> ModelCard:
         _deid(),
         _training(info),
         _results(info.results),
-        _intended_use(),
+        _intended_use(info.volume is not None),
         _limitations(info),
         _how_to_load(info),
     ]
@@ -84,6 +91,11 @@ def build_card(info: CardInfo) -> ModelCard:
 def _description(info: CardInfo) -> str:
     window = (f"window center {_num(info.window.get('center'))}, width {_num(info.window.get('width'))} "
               "(modality units)" if info.window else "no window recorded")
+    if info.volume:
+        from medssl.card_volume import description
+
+        return description(info.arch, info.method, info.modality, info.in_chans, window,
+                           info.mean, info.std, info.volume)
     return (
         "## Model description\n\n"
         f"A `{info.arch}` backbone (timm, `num_classes=0`: pooled features only) pretrained with "
@@ -164,7 +176,8 @@ def _provenance(info: CardInfo) -> str:
 def _deid() -> str:
     return (
         "## De-identification\n\n"
-        "- Metadata: an allow-list. Only modality, body part, view, pixel spacing, slice index, "
+        "- Metadata: an allow-list. Only modality, body part, view, pixel spacing (voxel spacing "
+        "for volumes), slice index, "
         "intensity encoding and default window are kept from each source file (DICOM PS3.15 "
         "Annex E intent: no names, dates, UIDs, institutions, free text or private tags).\n"
         "- Identifiers: patient, study and series ids are replaced by salted HMAC pseudonyms; "
@@ -178,8 +191,13 @@ def _deid() -> str:
 
 
 def _training(info: CardInfo) -> str:
+    size_rows: list[tuple[str, Any]] = [("input size (px)", info.image_size)]
+    if info.volume:
+        from medssl.card_volume import training_rows
+
+        size_rows = training_rows(info.volume)
     rows = [("method", info.method), ("architecture", info.arch), ("input channels", info.in_chans),
-            ("input size (px)", info.image_size), ("optimizer steps", info.steps),
+            *size_rows, ("optimizer steps", info.steps),
             ("started from", info.started_from or "not recorded (a run from before medssl recorded it)")]
     for key in ("max_steps", "batch_size", "lr", "peak_lr", "optimizer", "weight_decay",
                 "warmup_steps", "precision"):
@@ -243,11 +261,15 @@ def _words(text: str) -> str:
     return " ".join(kept)[:400]
 
 
-def _intended_use() -> str:
+def _intended_use(volume: bool = False) -> str:
+    # No ImageNet weights exist for a 3-D network: the baselines there are random weights and
+    # MONAI's own self-supervised Swin UNETR encoder.
+    against = ("random initialisation (and, for Swin UNETR, MONAI's self-supervised weights)"
+               if volume else "ImageNet and random initialisation")
     return (
         "## Intended use\n\n"
-        "Initialisation for fine-tuning or linear probing on medical-imaging research tasks, "
-        "and comparison against ImageNet and random initialisation. Evaluate on your own "
+        f"Initialisation for fine-tuning or linear probing on medical-imaging research tasks, "
+        f"and comparison against {against}. Evaluate on your own "
         "held-out, patient-disjoint data before drawing conclusions.\n"
     )
 
@@ -261,11 +283,18 @@ def _limitations(info: CardInfo) -> str:
         "findings can be lost to crops and blur. MAE weights are best judged by fine-tuning.\n"
         "- Benchmark numbers, if shown, come from the listed tasks and seeds and carry the "
         "stated uncertainty; they are not a clinical performance claim.\n"
-        "- **Not for clinical use.**\n"
+        + ("- 3-D: the weights expect volumes resampled to the voxel size above in RAS order, "
+           "cropped or resized to the input cube; other spacings or orientations change what "
+           "the features mean.\n" if info.volume else "")
+        + "- **Not for clinical use.**\n"
     )
 
 
 def _how_to_load(info: CardInfo) -> str:
+    if info.volume:
+        from medssl.card_volume import how_to_load
+
+        return how_to_load(info.in_chans, info.volume)
     source = f"hf-hub:{info.repo_id}" if info.repo_id else "local-dir:/path/to/this/folder"
     snippet = (
         "import timm\n\n"

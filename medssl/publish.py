@@ -1,5 +1,8 @@
 """``medssl publish RUN_DIR --out DIR``: a pretraining run -> timm-loadable weights + model card.
 
+A 3-D run (``model.arch: monai:<Net>``) publishes plain MONAI weights instead, with a
+config.json naming the network and its kwargs (medssl/publish_volume.py, medssl/published.py).
+
 Everything comes from the run record (``RUN_DIR/run.json``, medssl/rundir.py): architecture,
 channels, input size, intensity handling, method, the shard folders read, and the checkpoint
 (``--checkpoint``: the newest by default, the highest recorded RankMe, or a step), verified
@@ -77,25 +80,28 @@ def publish_command(
     results_data = Results.read(results) if results is not None else None
     _check_out_dir(out, run_dir)
 
-    import timm
     from safetensors.torch import save_file
 
-    from medssl.card import CardInfo, build_card
+    from medssl.card import CardInfo, VolumeCard, build_card
+    from medssl.volume_models import is_volume_arch
 
     ckpt_path = run_dir / "checkpoints" / entry.file
     ckpt = load_checkpoint(ckpt_path)
-    if not timm.is_model(record.arch):
-        raise MedsslError(f"{record_path(run_dir)}: arch {record.arch!r} is not a timm model name")
-    timm_args = {k: v for k, v in record.model_kwargs.items()
-                 if k not in _TRAINING_ONLY_KWARGS and not k.endswith("_drop_rate")}
-    backbone = timm.create_model(record.arch, pretrained=False, num_classes=0,
-                                 in_chans=record.in_chans, **timm_args)
     state = backbone_state(ckpt, ckpt_path)
     bad = nonfinite_tensors(state)
     if bad:
         raise MedsslError(f"{ckpt_path}: {len(bad)} of {len(state)} backbone tensors hold NaN or "
                           f"infinity (first: {bad[0]}); refusing to publish non-finite weights")
-    _load_backbone(backbone, state, ckpt_path, record, timm_args)
+    volume = is_volume_arch(record.arch)
+    if volume:
+        from medssl.publish_volume import net_tensors, volume_backbone
+
+        backbone = volume_backbone(record, state, ckpt_path)
+        tensors = net_tensors(backbone)
+        timm_args: dict[str, Any] = {}
+    else:
+        backbone, timm_args = _timm_backbone(record, state, ckpt_path)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
 
     intensity = record.intensity
     mean = _per_channel(intensity.mean, record.in_chans, "intensity.mean")
@@ -113,24 +119,36 @@ def publish_command(
                               "salt_id": s.salt_id, "shards": s.shards, "samples": s.samples}
                              for s in sources],
     }
-    config_json = hub_config(backbone, record.arch, record.in_chans, record.input_size, mean, std,
-                             license_, timm_args, record.method, medssl_block)
+    volume_card = None
+    if volume:
+        from medssl.publish_volume import input_cube, shard_spacing
+        from medssl.published import volume_config
+
+        cube, spacing = input_cube(record), shard_spacing(index, record)
+        config_json = volume_config(record.arch, backbone.net_name, backbone.net_kwargs,
+                                    backbone.num_features, record.in_chans, cube, mean, std,
+                                    license_, record.method, spacing, medssl_block)
+        volume_card = VolumeCard(net=backbone.net_name, kwargs=backbone.net_kwargs, cube=cube,
+                                 spacing=spacing)
+    else:
+        config_json = hub_config(backbone, record.arch, record.in_chans, record.input_size, mean,
+                                 std, license_, timm_args, record.method, medssl_block)
     train = dict(record.config.get("train") or {})
     if "peak_lr" in record.resolved:
         train["peak_lr"] = record.resolved["peak_lr"]
     card = build_card(CardInfo(
-        arch=record.arch, in_chans=record.in_chans, image_size=record.input_size,
+        arch=record.arch, in_chans=record.in_chans,
+        image_size=volume_card.cube[0] if volume_card else record.input_size,
         method=record.method, steps=entry.step, train=train, mean=mean, std=std,
         modality=modality, window=intensity.window, license=license_, git_sha=record.git_sha,
         medssl_version=__version__, index=index, index_sha256=index_sha, sources=sources,
         results=results_data, repo_id=push_to_hub, model_args=timm_args,
         hashed_patients={s.index_sha256: len(s.hashes) for s in patients.sources} if patients else {},
-        started_from=record.started_from, checkpoint=chosen,
+        started_from=record.started_from, checkpoint=chosen, volume=volume_card,
     ))
 
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMS).unlink(missing_ok=True)    # an interrupted re-publish must not verify
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
     atomic_write_text(out / CONFIG, json.dumps(config_json, indent=2) + "\n")
     atomic_write_text(out / CARD, str(card))
@@ -199,6 +217,22 @@ def _chosen(run_dir: Path, record: RunRecord, choice: str) -> CheckpointEntry:
     if problem is not None:
         raise MedsslError(f"{run_dir / 'checkpoints' / entry.file}: {problem}; not publishing it")
     return entry
+
+
+def _timm_backbone(record: RunRecord, state: dict[str, Any], ckpt_path: Path) -> tuple[Any, dict[str, Any]]:
+    """The recorded timm architecture (``num_classes=0``) with the checkpoint's backbone
+    tensors loaded strictly, and the timm kwargs that shape it."""
+    import timm
+
+    if not timm.is_model(record.arch):
+        raise MedsslError(f"{record_path(ckpt_path.parent.parent)}: arch {record.arch!r} is not a "
+                          "timm model name (3-D backbones are monai:<Net>)")
+    timm_args = {k: v for k, v in record.model_kwargs.items()
+                 if k not in _TRAINING_ONLY_KWARGS and not k.endswith("_drop_rate")}
+    backbone = timm.create_model(record.arch, pretrained=False, num_classes=0,
+                                 in_chans=record.in_chans, **timm_args)
+    _load_backbone(backbone, state, ckpt_path, record, timm_args)
+    return backbone, timm_args
 
 
 def _load_backbone(backbone: Any, state: dict[str, Any], path: Path, record: RunRecord,

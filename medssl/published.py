@@ -11,6 +11,21 @@ holding only keys timm's ``PretrainedCfg`` knows, so that plain timm loads the f
 ``hf-hub:ORG/NAME`` for a pushed copy. medssl's own facts (modality, window, intensity
 pipeline, method, steps, provenance digests) sit in the sibling ``medssl`` key, which timm
 ignores. ``read_published`` is the one reader: finetune's inits and the backbone factory use it.
+
+3-D weights (``model.arch: monai:<Net>``, medssl/volume_models.py) have no timm layout:
+``model.safetensors`` holds the plain MONAI network's state dict and ``config.json`` names the
+network and its complete constructor kwargs, so that
+``monai.networks.nets.<Net>(**config["monai"]["kwargs"]).load_state_dict(load_file(...))``
+loads it strictly::
+
+    {"architecture": "monai:ResNet", "num_features": 512,
+     "monai": {"net": "ResNet", "kwargs": {...}, "version": "1.6.1"},
+     "input": {"in_chans": 1, "input_size": [C, X, Y, Z], "mean": [...], "std": [...],
+               "interpolation": "trilinear", "axes": "RAS"},
+     "medssl": {"spatial_dims": 3, "spacing": [x, y, z] mm or null, ...the 2-D block's keys}}
+
+There is no ``pretrained_cfg`` (timm's ``local-dir:`` loading does not apply); the reader tells
+the two layouts apart by ``medssl.spatial_dims``.
 """
 
 from __future__ import annotations
@@ -39,11 +54,11 @@ class Published:
     """What a published dir says about its weights (``config.json``, checked against SHA256SUMS)."""
 
     directory: Path
-    arch: str
+    arch: str                              # timm name, or monai:<Net> for 3-D weights
     num_features: int
     model_args: dict[str, Any]             # timm.create_model kwargs (in_chans, img_size, ...)
     in_chans: int
-    input_size: tuple[int, int, int]       # (C, H, W) the weights were trained at
+    input_size: tuple[int, ...]            # (C, H, W), or (C, X, Y, Z) for 3-D weights
     mean: tuple[float, ...]                # per channel, on [0, 1] inputs
     std: tuple[float, ...]
     interpolation: str = "bicubic"
@@ -54,13 +69,24 @@ class Published:
     method: str | None = None
     steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)   # the rest of the "medssl" block
+    spatial_dims: int = 2
+    monai_net: str | None = None           # 3-D: monai.networks.nets.<monai_net>
+    monai_kwargs: dict[str, Any] = field(default_factory=dict)   # 3-D: its complete kwargs
+    spacing: tuple[float, float, float] | None = None   # 3-D: voxel size (mm) of the shards, RAS
 
     @property
     def weights(self) -> Path:
         return self.directory / WEIGHTS
 
+    @property
+    def is_volume(self) -> bool:
+        return self.spatial_dims == 3
+
     def timm_overlay(self) -> dict[str, Any]:
         """``pretrained_cfg_overlay`` for ``timm.create_model(arch, pretrained=True, ...)``."""
+        if self.is_volume:
+            raise MedsslError(f"{self.directory}: 3-D weights ({self.arch}) are a MONAI network, "
+                              "not a timm model; use a monai:<Net> model.arch")
         return {"file": str(self.weights), "input_size": self.input_size, "mean": self.mean,
                 "std": self.std, "interpolation": self.interpolation, "crop_pct": self.crop_pct}
 
@@ -113,6 +139,8 @@ def read_published(directory: str | Path) -> Published:
     path = directory / CONFIG
     try:
         config = json.loads(path.read_text())
+        if int((config.get("medssl") or {}).get("spatial_dims", 2)) == 3:
+            return _read_volume(directory, config)
         pcfg = config["pretrained_cfg"]
         ours = dict(config.get("medssl") or {})
         model_args = dict(config.get("model_args") or {})
@@ -133,6 +161,49 @@ def read_published(directory: str | Path) -> Published:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise MedsslError(f"{path}: not a medssl published config ({type(exc).__name__}: {exc})") from None
+
+
+def volume_config(arch: str, net: str, kwargs: dict[str, Any], num_features: int, in_chans: int,
+                  cube: tuple[int, int, int], mean: list[float], std: list[float], license_: str,
+                  method: str, spacing: list[float] | None,
+                  medssl_block: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of 3-D weights (the layout in the module docstring)."""
+    import monai
+
+    return {
+        "architecture": arch,
+        "num_features": int(num_features),
+        "license": license_,
+        "monai": {"net": net, "kwargs": kwargs, "version": monai.__version__},
+        "input": {"in_chans": int(in_chans), "input_size": [int(in_chans), *map(int, cube)],
+                  "mean": mean, "std": std, "interpolation": "trilinear", "axes": "RAS"},
+        "medssl": {"method": method, "spatial_dims": 3,
+                   "spacing": [float(v) for v in spacing] if spacing else None, **medssl_block},
+    }
+
+
+def _read_volume(directory: Path, config: dict[str, Any]) -> Published:
+    ours = dict(config.get("medssl") or {})
+    monai_block, inp = config["monai"], config["input"]
+    input_size = tuple(int(v) for v in inp["input_size"])
+    if len(input_size) != 4:
+        raise ValueError(f"input.input_size {list(input_size)} is not [C, X, Y, Z]")
+    window = ours.pop("window", None)
+    spacing = ours.pop("spacing", None)
+    ours.pop("spatial_dims", None)
+    return Published(
+        directory=directory, arch=str(config["architecture"]),
+        num_features=int(config.get("num_features") or 0), model_args={},
+        in_chans=int(inp.get("in_chans", input_size[0])), input_size=input_size,
+        mean=tuple(float(v) for v in inp["mean"]), std=tuple(float(v) for v in inp["std"]),
+        interpolation=str(inp.get("interpolation", "trilinear")), crop_pct=1.0,
+        modality=ours.pop("modality", None),
+        window=(float(window["center"]), float(window["width"])) if window else None,
+        intensity=ours.pop("intensity", None), method=ours.pop("method", None),
+        steps=ours.pop("steps", None), extra=ours, spatial_dims=3,
+        monai_net=str(monai_block["net"]), monai_kwargs=dict(monai_block["kwargs"]),
+        spacing=tuple(float(v) for v in spacing) if spacing else None,
+    )
 
 
 def verify_published(directory: Path) -> None:

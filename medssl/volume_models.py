@@ -72,6 +72,12 @@ def net_name(arch: str) -> str:
     return name
 
 
+def without_channels(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of net ``name`` without its channel count and ``spatial_dims`` (what
+    ``net_kwargs`` fills in), e.g. to build the same network for other input channels."""
+    return {k: v for k, v in kwargs.items() if k not in (_CHANNELS_ARG.get(name), "spatial_dims")}
+
+
 def net_kwargs(arch: str, in_chans: int, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The complete ``monai.networks.nets.<Net>`` kwargs: the config's, ``spatial_dims=3``, the
     channel count and the feature-extractor switches (a config contradicting one is refused)."""
@@ -164,3 +170,131 @@ def create_volume_backbone(arch: str, in_chans: int, kwargs: dict[str, Any] | No
     """A randomly initialised ``VolumeBackbone`` for ``model.arch`` (``monai:<Net>``)."""
     name = net_name(arch)
     return VolumeBackbone(name, net_kwargs(arch, in_chans, kwargs), features_only=features_only)
+
+
+# --- starting weights: random, a 3-D published dir, MONAI's Swin UNETR SSL file ------------
+
+
+def load_volume_backbone(arch: str, in_chans: int, kwargs: dict[str, Any] | None,
+                         init: Any = "random") -> tuple[VolumeBackbone, str]:
+    """A ``VolumeBackbone`` with the weights ``init`` names, and where they came from in words.
+
+    - ``random``: ``monai:<Net>`` with ``kwargs``, MONAI's own initialisation.
+    - ``ssl:DIR``: a 3-D ``medssl publish`` dir (SHA256SUMS checked first); the network and its
+      kwargs are config.json's, loaded strictly. ``arch``'s net must be the same network.
+    - ``monai-ssl:FILE``: MONAI's self-supervised Swin UNETR weights (``model_swinvit.pt``) into
+      the ``swinViT`` encoder of ``monai:SwinUNETR`` with ``kwargs`` (the released file fits
+      ``feature_size=48``, one input channel); the decoder keeps its random initialisation.
+    - ``imagenet``: refused; there are no ImageNet weights for a 3-D network.
+    """
+    from medssl.init import Init
+
+    init = Init.parse(init)
+    if init.kind == "random":
+        return create_volume_backbone(arch, in_chans, kwargs), "random initialisation"
+    if init.kind == "imagenet":
+        raise ConfigError(f"init imagenet: there are no ImageNet weights for 3-D backbones ({arch}); "
+                          "use random, ssl:DIR (3-D medssl weights) or monai-ssl:FILE")
+    assert init.path is not None
+    if init.kind == "ssl":
+        return _from_published(arch, init.path)
+    return _from_monai_ssl(arch, in_chans, kwargs, init.path)
+
+
+def check_published_volume(arch: str, published: Any) -> None:
+    """Refuse, in one line, 2-D weights for a 3-D arch or another network than ``arch``'s."""
+    where = published.directory / "config.json"
+    if not published.is_volume:
+        raise ConfigError(f"{where}: 2-D weights ({published.arch}); a {arch} (3-D) benchmark needs "
+                          "3-D weights published from a monai:<Net> run")
+    if net_name(arch) != published.monai_net:
+        raise ConfigError(f"{where}: weights are for monai:{published.monai_net}, not {arch}; "
+                          f"set model.arch=monai:{published.monai_net}")
+
+
+def _from_published(arch: str, directory: Any) -> tuple[VolumeBackbone, str]:
+    from safetensors.torch import load_file
+
+    from medssl.errors import MedsslError
+    from medssl.published import WEIGHTS, read_published, sums_listing
+
+    published = read_published(directory)    # SHA256SUMS checked before anything is read
+    check_published_volume(arch, published)
+    backbone = VolumeBackbone(published.monai_net, published.monai_kwargs)
+    try:
+        backbone.net.load_state_dict(load_file(str(published.weights)))   # strict
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise MedsslError(f"{published.weights}: does not fit monai:{published.monai_net}"
+                          f"(**config.json kwargs): {first}") from None
+    digest = sums_listing(published.directory).get(WEIGHTS, "?")
+    return backbone, (f"medssl 3-D weights {published.directory.name} ({published.method or 'SSL'}, "
+                      f"{published.steps if published.steps is not None else '?'} steps; "
+                      f"{WEIGHTS} sha256 {digest[:16]})")
+
+
+def monai_ssl_encoder_state(raw: Any, where: str) -> dict[str, torch.Tensor]:
+    """MONAI's released Swin UNETR SSL checkpoint -> ``swinViT`` state-dict keys.
+
+    The released ``model_swinvit.pt`` (MONAI research-contributions, Tang et al. 2022) is
+    ``{"state_dict": {"module.patch_embed.proj.weight", "module.layers1.0.blocks.0.mlp.fc1.weight",
+    ...}}`` with extra heads of the SSL objectives. ``SwinUNETR.load_from`` copies it tensor by
+    tensor; the same mapping here is ``module.`` (or ``swinViT.``, a file already converted as
+    MONAI's tutorial does) -> the encoder's own key, and the timm-style ``mlp.fc1``/``mlp.fc2``
+    -> MONAI's ``mlp.linear1``/``mlp.linear2``. Keys of the SSL heads are returned too; the
+    caller keeps those the encoder has.
+    """
+    from medssl.errors import MedsslError
+
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MedsslError(f"{where}: not MONAI Swin UNETR SSL weights (expected a torch file holding "
+                          "a 'state_dict' of tensors, as model_swinvit.pt)")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = str(key)
+        for prefix in ("module.", "swinViT."):
+            name = name.removeprefix(prefix)
+        name = name.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        out[name] = value
+    return out
+
+
+def _from_monai_ssl(arch: str, in_chans: int, kwargs: dict[str, Any] | None,
+                    path: Any) -> tuple[VolumeBackbone, str]:
+    from pathlib import Path
+
+    from medssl.errors import MedsslError
+    from medssl.io import sha256_file
+
+    where = f"monai-ssl:{path}"
+    if net_name(arch) != "SwinUNETR":
+        raise ConfigError(f"init {where}: MONAI's SSL weights are a Swin UNETR encoder; set "
+                          f"model.arch=monai:SwinUNETR (not {arch})")
+    path = Path(path)
+    if not path.is_file():
+        raise MedsslError(f"init {where}: file not found (MONAI's model_swinvit.pt, downloaded by hand)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - not weights-only loadable: refuse, never unpickle
+        raise MedsslError(f"{path}: cannot load as a weights-only torch file ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    found = monai_ssl_encoder_state(raw, str(path))
+    backbone = create_volume_backbone(arch, in_chans, kwargs)
+    encoder = backbone.net.swinViT
+    expected = encoder.state_dict()
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise MedsslError(f"{path}: {len(missing)} of {len(expected)} Swin UNETR encoder tensors "
+                          f"are not in the file (first: swinViT.{missing[0]}); is it MONAI's "
+                          "model_swinvit.pt, and use_v2 off?")
+    wrong = [(k, tuple(found[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if tuple(found[k].shape) != tuple(v.shape)]
+    if wrong:
+        key, got, want = wrong[0]
+        raise MedsslError(f"{path}: swinViT.{key} is {list(got)} in the file, {list(want)} in "
+                          f"monai:SwinUNETR with {backbone.net_kwargs}; the released weights need "
+                          "model.kwargs.feature_size=48 and model.in_chans=1")
+    encoder.load_state_dict({k: found[k] for k in expected}, strict=True)
+    return backbone, (f"MONAI Swin UNETR SSL weights {path.name} (sha256 {sha256_file(path)[:16]}; "
+                      "encoder only)")
