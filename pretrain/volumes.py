@@ -127,7 +127,7 @@ def shards_are_volumes(urls: list[str], spec: str) -> bool | None:
         except (OSError, ValueError, AttributeError):
             flag = None
     member = None
-    if urls:
+    if urls and "://" not in urls[0] and not urls[0].startswith("pipe:"):   # local: one member read
         import webdataset as wds
 
         samples = wds.tarfile_samples(iter([{"url": urls[0]}]), handler=wds.ignore_and_continue)

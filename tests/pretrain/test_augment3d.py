@@ -104,3 +104,17 @@ def test_channels_last_views_are_ndhwc():
     cfg = dataclasses.replace(AugmentConfig(volume_crop_size=8), **SIMCLR_AUGMENT)
     (view,) = VolumeAugment(cfg, 1, channels_last=True)(_batch(n=10), torch.Generator().manual_seed(0))
     assert view.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_same_patient_pairs_cut_the_second_view_from_the_partner_volume():
+    cfg = AugmentConfig(volume_crop_size=10, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_axes_p=(0, 0, 0),
+                        rotate_degrees=0, window_center_jitter=0, window_width_jitter=0, intensity_p=0,
+                        blur_p=0, noise_p=0)
+    batch = _batch(b=2, n=10)
+    other = _batch(b=2, n=10)["image"] // 2
+    batch.update({"partner_" + k: v for k, v in batch.items()})
+    batch["partner_image"] = other
+    v0, v1 = VolumeAugment(cfg, 2)(batch, torch.Generator().manual_seed(0))
+    unit = window_to_unit(other, batch["offset"], batch["slope"], batch["center"], batch["width"])
+    assert torch.allclose(v1, (unit - cfg.mean) / cfg.std, atol=1e-5)
+    assert not torch.allclose(v0, v1)
