@@ -150,7 +150,7 @@ def write_volume_shards(out: Path, n_shards: int = 8, per_shard: int = 4, shape:
 
 @pytest.fixture(scope="session")
 def volume_shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_volume_shards(tmp_path_factory.mktemp("volume_shards"), val_shards=1)
+    return write_volume_shards(tmp_path_factory.mktemp("volume_shards"), val_shards=1, labels=True)
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,18 @@ def test_a_short_run_writes_monai_loadable_backbone_weights(tmp_path: Path, volu
     assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in train_rows)
     evals = [r for r in rows if r.get("kind") == "eval"]
     assert evals and 1.0 <= evals[0]["rankme"] <= evals[0]["eval_samples"]
+    assert 0.0 <= evals[0]["knn_acc"] <= 1.0   # the val volumes carry labels
     assert saved["volumes"]["crop_size"] == 32
+
+
+@pytest.mark.parametrize("name", ["simclr_resnet3d.yaml", "mae_vit3d.yaml"])
+def test_the_gpu_volume_configs_resolve_and_build_at_full_size(name: str, tmp_path: Path):
+    """Built on the meta device (no memory): a kwarg MONAI refuses would fail here."""
+    cfg = resolve_config(load_config(PretrainConfig, DEBUG_CONFIG.parent / "pretrain" / name,
+                                     [f"data.shards={tmp_path / 'none'}", f"output_dir={tmp_path / 'run'}"]))
+    assert cfg.augment.volume_crop_size == 96 and cfg.data.volume_size == 112
+    if cfg.method.name == "mae":
+        assert cfg.model.kwargs["img_size"] == 96 and cfg.model.kwargs["decoder_hidden_size"] == cfg.method.decoder_dim
 
 
 # --- refusals -----------------------------------------------------------------------------
