@@ -96,17 +96,17 @@ PRESETS = {
     "micle": Preset("simclr", "resnet50", 224, overrides=("data.positives=same_patient",)),
     "simclr3d": Preset("simclr", "monai:ResNet", 96, volume=True,
                        overrides=("model.kwargs={block: basic, layers: [2, 2, 2, 2], "
-                                  "block_inplanes: [64, 128, 256, 512]}",),
+                                  + "block_inplanes: [64, 128, 256, 512]}",),
                        tiny_arch="monai:ResNet",
                        tiny_overrides=("model.kwargs={block: basic, layers: [1, 1, 1, 1], "
-                                       "block_inplanes: [8, 16, 32, 64]}",)),
+                                       + "block_inplanes: [8, 16, 32, 64]}",)),
     "mae3d": Preset("mae", "monai:MaskedAutoEncoderViT", 96, volume=True,
                     overrides=("model.kwargs={patch_size: 16, hidden_size: 768, mlp_dim: 3072, num_layers: 12, "
-                               "num_heads: 12, decoder_mlp_dim: 2048}", "method.decoder_dim=384",
+                               + "num_heads: 12, decoder_mlp_dim: 2048}", "method.decoder_dim=384",
                                "method.decoder_depth=8", "method.decoder_heads=12"),
                     tiny_arch="monai:MaskedAutoEncoderViT",
                     tiny_overrides=("model.kwargs={patch_size: 8, hidden_size: 48, mlp_dim: 96, num_layers: 2, "
-                                    "num_heads: 4, decoder_mlp_dim: 96}", "method.decoder_dim=48",
+                                    + "num_heads: 4, decoder_mlp_dim: 96}", "method.decoder_dim=48",
                                     "method.decoder_depth=1", "method.decoder_heads=4")),
 }
 TINY_SIZE = 32
@@ -143,6 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-samples", type=int, default=128, help="samples per generated shard")
     p.add_argument("--gen-volumes", type=int, default=16, help="volumes per generated volume shard")
     p.add_argument("--volume-shards", help="volume shard folder/glob for the volume presets; default: generate")
+    p.add_argument("--gen-volume-side", type=int,
+                   help="side of generated volumes (default 1.25 x the loader's cube, so the CPU resize "
+                        "runs as for real scans; a 1.5 mm CT is ~256 x 256 x 150)")
     p.add_argument("--skip", default="", help="comma list of measurements to skip: bare,model,aug,e2e")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
@@ -342,8 +345,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if volume_shards is None and any(volume_runs):
         n = args.gen_shards or 2 * max(1, args.workers)
         crop = TINY_SIZE if args.tiny else (PRESETS["simclr3d"].size if args.preset else args.size)
-        side = max(args.volume_size or 0, round(crop * 7 / 6))
-        log.info("writing %d volume shards x %d random %d^3 volumes", n, args.gen_volumes, side)
+        side = args.gen_volume_side or round(1.25 * max(args.volume_size or 0, round(crop * 7 / 6)))
+        log.info("writing %d volume shards x %d random ~%d^3 volumes", n, args.gen_volumes, side)
         volume_shards = make_volume_shards(Path(tmp.name) / "volumes", n, args.gen_volumes, side)
     figures: dict[str, dict[str, float]] = {}
     for name in names:

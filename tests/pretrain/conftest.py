@@ -88,7 +88,7 @@ DEBUG_VOLUMES = REPO / "configs" / "debug_volumes.yaml"
 #: MAE 3-D at debug size: a two-block MONAI MaskedAutoEncoderViT, 8-voxel patches, one decoder block.
 TINY_MAE3D = ["method.name=mae", "model.arch=monai:MaskedAutoEncoderViT",
               "model.kwargs={patch_size: 8, hidden_size: 48, mlp_dim: 96, num_layers: 2, num_heads: 4, "
-              "decoder_mlp_dim: 96}",
+              + "decoder_mlp_dim: 96}",
               "method.decoder_dim=48", "method.decoder_depth=1", "method.decoder_heads=4", "train.lr=0.002"]
 
 

@@ -128,7 +128,7 @@ def test_every_trainable_parameter_gets_a_gradient(tmp_path: Path, volume_shard_
 
 @pytest.mark.parametrize("method", ["simclr", "mae"])
 def test_a_short_run_writes_monai_loadable_backbone_weights(tmp_path: Path, volume_shard_dir: Path, method: str):
-    import monai.networks.nets as nets
+    from monai.networks import nets
 
     out = tmp_path / "run"
     extra = TINY_MAE3D if method == "mae" else ["train.channels_last=true"]
