@@ -20,7 +20,7 @@ from medssl.volume_models import is_volume_arch
 from pretrain.config import AugmentConfig, PretrainConfig
 from pretrain.init import check_init
 from pretrain.methods import MethodSpec, available_methods, get_method
-from pretrain.volumes import check_shards_fit, resolve_volume_model
+from pretrain.volumes import VOLUME_ONLY_AUGMENT, check_shards_fit, resolve_volume_model
 
 
 def resolve_config(cfg: PretrainConfig) -> PretrainConfig:
@@ -40,10 +40,13 @@ def resolve_method_defaults(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"method.name must be one of {' | '.join(names)}, got {cfg.method.name!r}")
     spec = get_method(cfg.method.name)
     aug = dict(dataclasses.asdict(cfg.augment))
+    # Volume-only keys stay unset on 2-D runs: a run dir recorded before they existed then
+    # still resumes (an unset new key is its declared default).
+    skip = () if is_volume_arch(cfg.model.arch) else VOLUME_ONLY_AUGMENT
     for key, value in spec.augment_defaults.items():
-        if aug.get(key) is None:
+        if aug.get(key) is None and key not in skip:
             aug[key] = value
-    missing = [k for k, v in aug.items() if v is None]
+    missing = [k for k, v in aug.items() if v is None and k not in skip]
     if missing:
         raise ConfigError(f"method {spec.name!r} gives no default for augment.{missing[0]}; set it")
     train = cfg.train

@@ -28,6 +28,8 @@ from pretrain.config import PretrainConfig
 #: Methods with a 3-D version (pretrain/methods branch on the arch).
 VOLUME_METHODS = ("simclr", "mae")
 MAE_NET = "MaskedAutoEncoderViT"
+#: Augment keys only volume runs use; left unset (None) on 2-D runs.
+VOLUME_ONLY_AUGMENT = ("flip_axes_p",)
 #: MONAI MaskedAutoEncoderViT kwargs that ``method.*`` sets (one source of truth per number).
 _MAE_FROM_METHOD = {"masking_ratio": "mask_ratio", "decoder_hidden_size": "decoder_dim",
                     "decoder_num_layers": "decoder_depth", "decoder_num_heads": "decoder_heads"}

@@ -133,7 +133,8 @@ def test_a_short_run_writes_monai_loadable_backbone_weights(tmp_path: Path, volu
     out = tmp_path / "run"
     extra = TINY_MAE3D if method == "mae" else ["train.channels_last=true"]
     assert pretrain_command(DEBUG_VOLUMES, [f"data.shards={volume_shard_dir}", f"output_dir={out}",
-                                            "train.max_steps=3", "train.eval_every=3", *extra]) == 0
+                                            "train.max_steps=3", "train.eval_every=3", "augment.volume_crop_size=24",
+                                            *extra]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     arch, kwargs = saved["model"]["arch"], saved["model"]["kwargs"]
     ckpt = torch.load(latest_checkpoint(out), weights_only=True)
@@ -149,7 +150,10 @@ def test_a_short_run_writes_monai_loadable_backbone_weights(tmp_path: Path, volu
     evals = [r for r in rows if r.get("kind") == "eval"]
     assert evals and 1.0 <= evals[0]["rankme"] <= evals[0]["eval_samples"]
     assert 0.0 <= evals[0]["knn_acc"] <= 1.0   # the val volumes carry labels
-    assert saved["volumes"]["crop_size"] == 32
+    assert saved["volumes"]["crop_size"] == 24 and kwargs.get("img_size", 24) == 24
+    from medssl.rundir import read_record
+
+    assert read_record(out).input_size == 24   # what publish writes as the input size: the cube side
 
 
 @pytest.mark.parametrize("name", ["simclr_resnet3d.yaml", "mae_vit3d.yaml"])
@@ -209,3 +213,19 @@ def test_volume_configs_that_cannot_work_are_refused_first(volume_shard_dir: Pat
     with pytest.raises(ConfigError, match=message):
         _cfg(volume_shard_dir, tmp_path, *extra)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_2d_run_recorded_before_the_volume_settings_still_resumes(shard_dir: Path, run_copy: Path, capsys):
+    """The volume keys are new settings at their defaults for a 2-D run: not a changed run."""
+    from medssl.rundir import read_record
+
+    path = run_copy / "run.json"
+    record = json.loads(path.read_text())
+    for section, key in (("data", "volume_size"), ("data", "volume_fit"), ("augment", "volume_crop_size"),
+                         ("augment", "flip_axes_p")):
+        assert key in record["config"][section]
+        del record["config"][section][key]
+    path.write_text(json.dumps(record))
+    code, errors, err = run_cli(capsys, f"data.shards={shard_dir}", f"output_dir={run_copy}", "train.max_steps=7")
+    assert code == 0 and not errors, err
+    assert read_record(run_copy).input_size == 32   # 2-D: augment.crop_size
