@@ -156,15 +156,21 @@ class Monitor:
         return row
 
 
-def _preprocess(items: list[dict[str, Any]], cfg: PretrainConfig) -> torch.Tensor:
+def _preprocess(items: list[dict[str, Any]], cfg: PretrainConfig, chunk: int = 16) -> torch.Tensor:
     """Deterministic network input: the sample's window to [0, 1], resized, normalised
-    (volumes: the whole cube resized to ``augment.volume_crop_size``, area averaging)."""
+    (volumes: the whole cube resized to ``augment.volume_crop_size``, area averaging). In
+    chunks, so the float copies of 256 volumes never exist at once."""
     a, size = cfg.augment, crop_size(cfg)
-    image = torch.stack([i["image"] for i in items])
-    scalars = {k: torch.tensor([i[k] for i in items], dtype=torch.float32) for k in ("offset", "slope", "center", "width")}
-    x = window_to_unit(image, scalars["offset"], scalars["slope"], scalars["center"], scalars["width"])
-    if x.shape[-1] != size and x.ndim == 5:
-        x = F.interpolate(x, size=(size,) * 3, mode="area")
-    elif x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return (x.clamp(0, 1) - a.mean) / a.std
+    out = []
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        image = torch.stack([i["image"] for i in part])
+        scalars = {k: torch.tensor([i[k] for i in part], dtype=torch.float32)
+                   for k in ("offset", "slope", "center", "width")}
+        x = window_to_unit(image, scalars["offset"], scalars["slope"], scalars["center"], scalars["width"])
+        if x.shape[-1] != size and x.ndim == 5:
+            x = F.interpolate(x, size=(size,) * 3, mode="area")
+        elif x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append((x.clamp(0, 1) - a.mean) / a.std)
+    return torch.cat(out)
