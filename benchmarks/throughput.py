@@ -20,6 +20,11 @@ they train:
     mae     MAE, ViT-B/16, 224 px, 75% masked
     dino    DINO, ViT-S/16, 2 x 224 px global + 6 x 96 px local crops
     micle   SimCLR on same-patient pairs (data.positives=same_patient), ResNet-50, 2 x 224 px
+    simclr3d  SimCLR on volumes, MONAI 3-D ResNet-18, 2 x 96^3 voxel views from 112^3 cubes
+    mae3d     MAE on volumes, MONAI MaskedAutoEncoderViT (ViT-B, 16^3 patches), 96^3, 75% masked
+
+Volume presets read volume shards (``vol.npy.gz``; generated unless --volume-shards), and
+their CPU loader emits ``--volume-size`` cubes (default 7/6 of the crop side).
 
     # GPU node, every method, full size (shards generated into a temp dir unless --shards)
     python benchmarks/throughput.py --preset all --device cuda --batch 256 --load-size 256 \
@@ -27,6 +32,9 @@ they train:
     # CPU, every method, tiny
     OMP_NUM_THREADS=1 python benchmarks/throughput.py --preset all --tiny --device cpu \
         --batch 16 --load-size 40 --workers 1 --steps 10 --warmup 2 --precision no
+    # GPU node, the volume methods only
+    python benchmarks/throughput.py --preset simclr3d,mae3d --device cuda --batch 64 --workers 15 \
+        --steps 30 --compile
     # one custom configuration
     python benchmarks/throughput.py --method simclr --arch resnet10t --size 32 --set augment.blur_p=0
 """
@@ -52,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medssl.config import load_config
 from medssl.logging import setup_logging
+from medssl.volume_models import is_volume_arch
 from pretrain.config import PretrainConfig
 from pretrain.resolve import resolve_method_defaults
 
@@ -67,6 +76,7 @@ class Preset(NamedTuple):
     overrides: tuple[str, ...] = ()
     tiny_arch: str = "resnet10t"
     tiny_overrides: tuple[str, ...] = ()
+    volume: bool = False   # a monai:<Net> on volume shards; size is the cube side
 
 
 _TINY_VIT = "model.kwargs={patch_size: 8, depth: 2}"
@@ -84,6 +94,20 @@ PRESETS = {
                                    "method.head_hidden_dim=64", "method.head_bottleneck_dim=32",
                                    "method.head_output_dim=256")),
     "micle": Preset("simclr", "resnet50", 224, overrides=("data.positives=same_patient",)),
+    "simclr3d": Preset("simclr", "monai:ResNet", 96, volume=True,
+                       overrides=("model.kwargs={block: basic, layers: [2, 2, 2, 2], "
+                                  + "block_inplanes: [64, 128, 256, 512]}",),
+                       tiny_arch="monai:ResNet",
+                       tiny_overrides=("model.kwargs={block: basic, layers: [1, 1, 1, 1], "
+                                       + "block_inplanes: [8, 16, 32, 64]}",)),
+    "mae3d": Preset("mae", "monai:MaskedAutoEncoderViT", 96, volume=True,
+                    overrides=("model.kwargs={patch_size: 16, hidden_size: 768, mlp_dim: 3072, num_layers: 12, "
+                               + "num_heads: 12, decoder_mlp_dim: 2048}", "method.decoder_dim=384",
+                               "method.decoder_depth=8", "method.decoder_heads=12"),
+                    tiny_arch="monai:MaskedAutoEncoderViT",
+                    tiny_overrides=("model.kwargs={patch_size: 8, hidden_size: 48, mlp_dim: 96, num_layers: 2, "
+                                    + "num_heads: 4, decoder_mlp_dim: 96}", "method.decoder_dim=48",
+                                    "method.decoder_depth=1", "method.decoder_heads=4")),
 }
 TINY_SIZE = 32
 IMAGES_PER_PATIENT = 4   # generated shards: consecutive slices of one patient, as `medssl shard` writes
@@ -103,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256, help="batch per step (one process)")
     p.add_argument("--size", type=int, default=224, help="crop size fed to the model (px)")
     p.add_argument("--load-size", type=int, default=256, help="size the CPU loader emits (px)")
+    p.add_argument("--volume-size", type=int, help="cube side the CPU loader emits for volume presets "
+                                                   "(default: 7/6 of the crop side)")
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compile, loader start)")
     p.add_argument("--rounds", type=int, default=3,
@@ -115,6 +141,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", help="shard folder/glob; default: generate random scans in a temp dir")
     p.add_argument("--gen-shards", type=int, default=0, help="shards to generate (default 2 x workers)")
     p.add_argument("--gen-samples", type=int, default=128, help="samples per generated shard")
+    p.add_argument("--gen-volumes", type=int, default=16, help="volumes per generated volume shard")
+    p.add_argument("--volume-shards", help="volume shard folder/glob for the volume presets; default: generate")
+    p.add_argument("--gen-volume-side", type=int,
+                   help="side of generated volumes (default 1.25 x the loader's cube, so the CPU resize "
+                        "runs as for real scans; a 1.5 mm CT is ~256 x 256 x 150)")
     p.add_argument("--skip", default="", help="comma list of measurements to skip: bare,model,aug,e2e")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
@@ -153,6 +184,36 @@ def make_shards(out: Path, n_shards: int, per_shard: int, size: int, seed: int =
     return str(out)
 
 
+def make_volume_shards(out: Path, n_shards: int, per_shard: int, size: int, seed: int = 0) -> str:
+    """Random CT-like uint16 volumes (``vol.npy.gz``, a body ellipsoid of noise in air) in the
+    volume shard format, ``IMAGES_PER_PATIENT`` volumes per patient; format only."""
+    import webdataset as wds
+
+    from medssl.data.sample import VOLUME_MEMBER, encode_intensity, encode_volume
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size + 8, size + 4, size)     # not a cube: the loader's centre crop runs too
+    grid = np.meshgrid(*[np.arange(n) / n - 0.5 for n in shape], indexing="ij", sparse=True)
+    body = grid[0] ** 2 / 0.16 + grid[1] ** 2 / 0.12 + grid[2] ** 2 / 0.2 < 1
+    for s in range(n_shards):
+        with wds.TarWriter(str(out / f"train-{s:06d}.tar"), encoder=False) as sink:
+            for i in range(per_shard):
+                hu = np.where(body, rng.normal(40, 60, shape), -1000).astype(np.int16)
+                stored, offset, slope = encode_intensity(hu)
+                patient = (s * per_shard + i) // IMAGES_PER_PATIENT
+                meta = {"modality": "CT", "channels": 1, "spacing": [1.5, 1.5, 2.0],
+                        "window": {"center": 40.0, "width": 400.0},
+                        "intensity": {"offset": offset, "slope": slope, "unit": "HU"},
+                        "patient": f"{patient:016x}", "study": f"{patient:016x}-0"}
+                sink.write({"__key__": f"v{s:04d}-{i:08d}", VOLUME_MEMBER: encode_volume(stored),
+                            "json": json.dumps(meta).encode()})
+    shards = {f"train-{s:06d}.tar": {"split": "train", "samples": per_shard} for s in range(n_shards)}
+    (out / "index.json").write_text(json.dumps({"format": "medssl-shards/1", "shards": shards,
+                                                "config": {"volumes": True}}))
+    return str(out)
+
+
 def timed(fn: Callable[[int], Any], warmup: int, steps: int, batch: int, device: torch.device) -> float:
     """Samples/s of ``fn(step)`` over ``steps`` calls after ``warmup`` untimed ones."""
     def sync() -> None:
@@ -178,10 +239,14 @@ def run_config(args: argparse.Namespace, shards: str, out: str, preset: Preset |
         method, arch, size, extra = preset.method, preset.tiny_arch, TINY_SIZE, list(preset.tiny_overrides)
     else:
         method, arch, size, extra = preset.method, preset.arch, preset.size, list(preset.overrides)
+    if is_volume_arch(arch):
+        cube = max(args.volume_size or round(size * 7 / 6), size)
+        sizes = [f"augment.volume_crop_size={size}", f"data.volume_size={cube}"]
+    else:
+        sizes = [f"augment.crop_size={size}", f"data.load_size={max(args.load_size, size)}"]
     return resolve_method_defaults(load_config(PretrainConfig, None, [
         f"output_dir={out}", f"data.shards={shards}", f"method.name={method}",
-        f"model.arch={arch}", f"model.in_chans={args.in_chans}",
-        f"augment.crop_size={size}", f"data.load_size={max(args.load_size, size)}",
+        f"model.arch={arch}", f"model.in_chans={args.in_chans}", *sizes,
         f"data.num_workers={args.workers}", f"train.batch_size={args.batch}",
         f"train.precision={args.precision}", f"train.compile={str(args.compile).lower()}",
         "train.channels_last=true", "train.max_steps=1000000", "data.shuffle_buffer=256",
@@ -196,6 +261,7 @@ def measure(args: argparse.Namespace, cfg: PretrainConfig, shards: str) -> dict[
     from pretrain.data import build_loader, resolve_shards
     from pretrain.optim import build_optimizer
     from pretrain.trainer import Pretrainer, _precision
+    from pretrain.volumes import is_volume, memory_format
 
     skip = set(filter(None, args.skip.split(",")))
     accelerator = Accelerator(mixed_precision=_precision(cfg.train.precision), cpu=args.device == "cpu")
@@ -204,7 +270,7 @@ def measure(args: argparse.Namespace, cfg: PretrainConfig, shards: str) -> dict[
     b = cfg.train.batch_size
     loader = build_loader(resolve_shards(shards), rank=0, world_size=1, local_batch=b, seed=0,
                           data_cfg=cfg.data, in_chans=cfg.model.in_chans, skip_batches=0,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", volume=is_volume(cfg))
     it = iter(loader)
     # One real loader batch on the device: its keys (a pair's partner image, patient groups)
     # and the views it augments to (DINO's local crops) are what the method trains on.
@@ -214,11 +280,12 @@ def measure(args: argparse.Namespace, cfg: PretrainConfig, shards: str) -> dict[
     views = [torch.randn_like(v) for v in trainer.augment(batch, generator)]
     log.info("device %s, precision %s, %s %s, batch %d, views %s, compile=%s", device,
              accelerator.mixed_precision, cfg.method.name, cfg.model.arch, b,
-             "+".join(f"{v.shape[-1]}px" for v in views), cfg.train.compile)
+             "+".join("x".join(map(str, v.shape[2:])) for v in views), cfg.train.compile)
     kinds: dict[str, Callable[[int], Any]] = {}
 
     if "bare" not in skip:
-        module = trainer.spec.build(cfg).to(device, memory_format=torch.channels_last)
+        # The same memory layout as the trainer's (NHWC, or NDHWC for volumes).
+        module = trainer.spec.build(cfg).to(device, memory_format=memory_format(cfg) or torch.preserve_format)
         optimizer = build_optimizer(module, cfg.train)
         before = getattr(module, "before_optimizer_step", None)
         after = getattr(module, "after_optimizer_step", None)
@@ -266,18 +333,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     if args.device == "cpu":
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     tmp = tempfile.TemporaryDirectory(prefix="medssl-bench-")
+    names = args.preset or [args.method]
+    volume_runs = [PRESETS[n].volume for n in names] if args.preset else [is_volume_arch(args.arch)]
     shards = args.shards
-    if shards is None:
+    if shards is None and not all(volume_runs):
         n = args.gen_shards or 2 * max(1, args.workers)
         size = max(args.load_size, TINY_SIZE if args.tiny else args.size)
         log.info("writing %d shards x %d random %d px slices to %s", n, args.gen_samples, size, tmp.name)
         shards = make_shards(Path(tmp.name), n, args.gen_samples, size)
-    names = args.preset or [args.method]
+    volume_shards = args.volume_shards
+    if volume_shards is None and any(volume_runs):
+        n = args.gen_shards or 2 * max(1, args.workers)
+        crop = TINY_SIZE if args.tiny else (PRESETS["simclr3d"].size if args.preset else args.size)
+        side = args.gen_volume_side or round(1.25 * max(args.volume_size or 0, round(crop * 7 / 6)))
+        log.info("writing %d volume shards x %d random ~%d^3 volumes", n, args.gen_volumes, side)
+        volume_shards = make_volume_shards(Path(tmp.name) / "volumes", n, args.gen_volumes, side)
     figures: dict[str, dict[str, float]] = {}
     for name in names:
-        cfg = run_config(args, shards, f"{tmp.name}/run-{name}", PRESETS[name] if args.preset else None)
-        results = figures[name] = measure(args, cfg, shards)
-        views = f"{cfg.augment.crop_size}px"
+        preset = PRESETS[name] if args.preset else None
+        volume = preset.volume if preset else is_volume_arch(args.arch)
+        source = volume_shards if volume else shards
+        cfg = run_config(args, source, f"{tmp.name}/run-{name}", preset)
+        results = figures[name] = measure(args, cfg, source)
+        views = f"{cfg.augment.volume_crop_size}^3 vox" if volume else f"{cfg.augment.crop_size}px"
         if getattr(cfg.augment, "local_crops", 0):
             views += f" + {cfg.augment.local_crops}x{cfg.augment.local_crop_size}px"
         summary = "  ".join(f"{k}={v:.3f}" if "/" in k else f"{k}={v:.1f}/s" for k, v in results.items())

@@ -41,11 +41,17 @@ def _coin(n: int, p: float, g: torch.Generator, device: torch.device) -> torch.T
     return torch.rand(n, generator=g, device=device) < p
 
 
+def per_sample(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``[B]`` -> ``[B, 1, ...]`` broadcastable over ``x`` (images ``[B, C, H, W]`` or volumes
+    ``[B, C, D, H, W]``: every elementwise op here serves both)."""
+    return values.view(values.shape[0], *([1] * (x.ndim - 1)))
+
+
 def window_to_unit(
     stored: torch.Tensor, offset: torch.Tensor, slope: torch.Tensor, center: torch.Tensor,
     width: torch.Tensor, cfg: AugmentConfig | None = None, g: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Stored integers ``[B, C, H, W]`` -> float32 in [0, 1].
+    """Stored integers ``[B, C, H, W]`` (or volumes ``[B, C, D, H, W]``) -> float32 in [0, 1].
 
     Grayscale (uint16 bits in int16, or any wider integer): ``value = stored * slope + offset``
     in modality units, then the sample's window (``medssl.sample``: NaN = none, use min..max),
@@ -57,7 +63,7 @@ def window_to_unit(
     b, device = stored.shape[0], stored.device
     if stored.dtype == torch.int16:  # uint16 bits carried as int16 by the loader
         stored = stored.to(torch.int32) & 0xFFFF
-    values = stored.float() * slope.view(b, 1, 1, 1) + offset.view(b, 1, 1, 1)
+    values = stored.float() * per_sample(slope, stored) + per_sample(offset, stored)
     center, width = resolve_window(values, center, width)
     if cfg is not None and g is not None:
         shift = _uniform(b, -1, 1, g, device) * (cfg.window_center_jitter or 0.0)
@@ -98,39 +104,51 @@ def crop_flip_rotate(x: torch.Tensor, size: int, cfg: AugmentConfig, g: torch.Ge
 
 
 def intensity(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Per-sample brightness, contrast and gamma on [0, 1] images, each with ``intensity_p``."""
+    """Per-sample brightness, contrast and gamma on [0, 1] images (or volumes), each with
+    ``intensity_p``."""
     if not cfg.intensity_p:
         return x
     b, device = x.shape[0], x.device
-    apply = _coin(b, cfg.intensity_p or 0.0, g, device).to(x.dtype).view(b, 1, 1, 1)
-    bright = _uniform(b, -1, 1, g, device).view(b, 1, 1, 1) * (cfg.brightness or 0.0)
-    contrast = 1 + _uniform(b, -1, 1, g, device).view(b, 1, 1, 1) * (cfg.contrast or 0.0)
+    apply = per_sample(_coin(b, cfg.intensity_p or 0.0, g, device).to(x.dtype), x)
+    bright = per_sample(_uniform(b, -1, 1, g, device), x) * (cfg.brightness or 0.0)
+    contrast = 1 + per_sample(_uniform(b, -1, 1, g, device), x) * (cfg.contrast or 0.0)
     log_g = math.log1p(cfg.gamma or 0.0)
-    gamma = _uniform(b, -log_g, log_g, g, device).exp().view(b, 1, 1, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    gamma = per_sample(_uniform(b, -log_g, log_g, g, device).exp(), x)
+    mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
     y = ((x - mean) * contrast + mean + bright).clamp(0, 1).pow(gamma)
     return torch.lerp(x, y, apply)
+
+
+def blur_kernels(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor | None:
+    """Per-(sample, channel) 1-D Gaussian taps ``[B * C, K]`` (the identity where a sample is
+    not blurred, with ``blur_p``), or None when no blur can apply. Shared by the 2-D and the
+    3-D blur: one kernel per sample, run along every spatial axis in turn."""
+    b, c = x.shape[:2]
+    device = x.device
+    lo, hi = cfg.blur_sigma or (0.1, 2.0)
+    sigma = _uniform(b, lo, hi, g, device)
+    apply = _coin(b, cfg.blur_p or 0.0, g, device)
+    radius = min(math.ceil(3 * hi), (min(x.shape[2:]) - 1) // 2)
+    if radius < 1:
+        return None
+    taps = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    identity = (taps == 0).float().expand(b, -1)
+    kernel = torch.where(apply[:, None], kernel, identity)        # [B, K]
+    return kernel.repeat_interleave(c, dim=0).to(x.dtype)         # one kernel per (sample, channel)
 
 
 def gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Per-sample separable Gaussian blur with probability ``blur_p`` (grouped convolutions)."""
     if not cfg.blur_p:
         return x  # static (config) check, so MAE pays nothing for it
-    b, c, hgt, wid = x.shape
-    device = x.device
-    lo, hi = cfg.blur_sigma or (0.1, 2.0)
-    sigma = _uniform(b, lo, hi, g, device)
-    apply = _coin(b, cfg.blur_p or 0.0, g, device)
-    radius = min(math.ceil(3 * hi), (min(hgt, wid) - 1) // 2)
-    if radius < 1:
+    kernel = blur_kernels(x, cfg, g)
+    if kernel is None:
         return x
-    taps = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (taps[None] / sigma[:, None]) ** 2)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    identity = (taps == 0).float().expand(b, -1)
-    kernel = torch.where(apply[:, None], kernel, identity)        # [B, K]
-    kernel = kernel.repeat_interleave(c, dim=0).to(x.dtype)       # one kernel per (sample, channel)
+    b, c, hgt, wid = x.shape
     k = kernel.shape[1]
+    radius = k // 2
     y = x.reshape(1, b * c, hgt, wid)
     y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
     y = F.conv2d(y, kernel.view(b * c, 1, k, 1), groups=b * c)
@@ -139,16 +157,15 @@ def gaussian_blur(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
 
 
 def gaussian_noise(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Additive Gaussian noise, std uniform in [0, noise_std] per sample, with ``noise_p``."""
+    """Additive Gaussian noise, std uniform in [0, noise_std] per sample, with ``noise_p``
+    (images or volumes)."""
     if not cfg.noise_p or not cfg.noise_std:
         return x
     b, device = x.shape[0], x.device
     std = _uniform(b, 0, cfg.noise_std or 0.0, g, device)
     std = torch.where(_coin(b, cfg.noise_p or 0.0, g, device), std, torch.zeros_like(std))
     noise = torch.randn(x.shape, generator=g, device=device, dtype=x.dtype)
-    return x + noise * std.view(b, 1, 1, 1).to(x.dtype)
-
-
+    return x + noise * per_sample(std, x).to(x.dtype)
 
 
 def view_source(batch: dict[str, torch.Tensor], v: int) -> dict[str, torch.Tensor]:

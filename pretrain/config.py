@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from medssl.errors import ConfigError
 from medssl.init import Init
+from medssl.volume_models import is_volume_arch
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -27,6 +28,14 @@ class DataConfig:
     split: str = "train"           # split used when ``shards`` is a folder with index.json
     num_workers: int = 4           # CPU loader processes per rank: read, decode, crop only
     load_size: int = 256           # CPU workers emit [C, load_size, load_size] integer tensors
+    # Volume shards (model.arch monai:<Net>): CPU workers emit a cube [C, L, L, L], L = volume_size,
+    # deterministically: crop = the centred cube of the shortest side, pad = the volume centred in
+    # a cube of its longest side (filled with its lowest stored value: air/background); either
+    # cube is then resized to L (area averaging down, trilinear up). crop keeps every voxel real
+    # data but can cut anatomy; pad keeps all of it at a coarser scale. Voxels stay as sharded
+    # (RAS, --spacing), so the cube is isotropic when the spacing is.
+    volume_size: int = 112
+    volume_fit: Literal["crop", "pad"] = "crop"
     shuffle_buffer: int = 1000     # samples held per worker for shuffling
     shuffle_initial: int = 100     # samples buffered before the first is emitted
     prefetch_factor: int = 4       # batches prefetched per worker
@@ -43,6 +52,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "data.num_workers must be >= 0 (0 reads in the main process)")
         _check(self.load_size >= 8, f"data.load_size must be >= 8 px, got {self.load_size}")
+        _check(self.volume_size >= 8, f"data.volume_size must be >= 8 voxels, got {self.volume_size}")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1 (1 disables shuffling)")
         _check(self.shuffle_initial >= 1, "data.shuffle_initial must be >= 1")
         _check(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
@@ -52,9 +62,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"                 # any timm model name
+    arch: str = "resnet50"                 # any timm model name (2-D), or monai:<Net> for volumes (3-D)
     in_chans: int = 1                      # 1 for grayscale scans (native, no channel copies), 3 for RGB
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model / monai.networks.nets.<Net> kwargs
     # Where the backbone starts (pretrain/init.py): random | imagenet (continued pretraining
     # from ImageNet weights) | ssl:DIR (a `medssl publish` dir). A resumed run ignores it.
     init: str = "random"
@@ -120,12 +130,16 @@ class MethodConfig:
 class AugmentConfig:
     """Batched on-device augmentation; ``None`` means "the method's default" (see methods/)."""
 
-    crop_size: int = 224                        # output side in px
+    crop_size: int = 224                        # output side in px (2-D)
+    volume_crop_size: int = 96                  # output cube side in voxels (volumes, model.arch monai:<Net>)
     scale: tuple[float, float] | None = None    # crop area as a fraction of the loaded image
     ratio: tuple[float, float] = (0.75, 4 / 3)  # crop aspect ratio range
     hflip_p: float | None = None                # probability of a left-right flip
     vflip_p: float | None = None                # probability of an up-down flip
-    rotate_degrees: float | None = None         # uniform in [-d, d]
+    # Volumes: flip probability per RAS axis (left-right, posterior-anterior, inferior-superior);
+    # hflip_p/vflip_p are the 2-D ones.
+    flip_axes_p: tuple[float, float, float] | None = None
+    rotate_degrees: float | None = None         # uniform in [-d, d] (volumes: about each axis)
     window_center_jitter: float | None = None   # shift of the window centre, fraction of its width
     window_width_jitter: float | None = None    # relative change of the window width
     intensity_p: float | None = None            # probability of brightness/contrast/gamma
@@ -133,7 +147,7 @@ class AugmentConfig:
     contrast: float | None = None               # multiplicative about the image mean, 1 +- c
     gamma: float | None = None                  # gamma in [1/(1+g), 1+g]
     blur_p: float | None = None                 # probability of a Gaussian blur
-    blur_sigma: tuple[float, float] | None = None   # px at crop_size
+    blur_sigma: tuple[float, float] | None = None   # px (voxels) at crop_size (volume_crop_size)
     noise_p: float | None = None                # probability of added Gaussian noise
     noise_std: float | None = None              # max Gaussian noise std, in [0,1] display units
     # Multi-crop (DINO): local crops cut on the device from the same decoded image, after the
@@ -146,6 +160,10 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _check(self.crop_size >= 8, f"augment.crop_size must be >= 8 px, got {self.crop_size}")
+        _check(self.volume_crop_size >= 8, f"augment.volume_crop_size must be >= 8 voxels, got {self.volume_crop_size}")
+        if self.flip_axes_p is not None:
+            _check(len(self.flip_axes_p) == 3 and all(0.0 <= p <= 1.0 for p in self.flip_axes_p),
+                   f"augment.flip_axes_p is three probabilities in [0, 1] (x, y, z), got {self.flip_axes_p}")
         if self.scale is not None:
             lo, hi = self.scale
             _check(0 < lo <= hi <= 1, f"augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
@@ -188,7 +206,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp16", "no"] | bool = "auto"
     compile: bool = False                  # torch.compile the model
     sync_batchnorm: bool = True            # several GPUs: BatchNorm statistics over the global batch
-    channels_last: bool = True             # NHWC memory layout (faster convolutions)
+    channels_last: bool = True             # NHWC memory layout (faster convolutions); volumes: NDHWC
     log_every: int = 10                    # steps between metrics.jsonl lines
     checkpoint_every: int = 500            # steps between checkpoints
     keep_checkpoints: int = 3              # newest checkpoints kept on disk
@@ -255,8 +273,13 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "output_dir must be set (the run dir; a re-run resumes from it)")
         _check(bool(self.data.shards), "data.shards must name a shard folder, glob or brace pattern")
-        _check(self.augment.crop_size <= self.data.load_size,
-               f"augment.crop_size {self.augment.crop_size} must be <= data.load_size {self.data.load_size}")
+        if is_volume_arch(self.model.arch):
+            _check(self.augment.volume_crop_size <= self.data.volume_size,
+                   f"augment.volume_crop_size {self.augment.volume_crop_size} must be <= data.volume_size "
+                   f"{self.data.volume_size}")
+        else:
+            _check(self.augment.crop_size <= self.data.load_size,
+                   f"augment.crop_size {self.augment.crop_size} must be <= data.load_size {self.data.load_size}")
 
 
 def scaled_lr(cfg: TrainConfig) -> float:

@@ -1,7 +1,8 @@
 """Training stream from WebDataset shards: split by rank and worker, endless, restorable.
 
-CPU workers only read tars, decode PNG and resize/centre-crop to ``data.load_size``; every
-random augmentation happens later on the accelerator (pretrain/augment.py).
+CPU workers only read tars, decode PNG (or a volume's ``vol.npy.gz``) and resize/centre-crop
+to ``data.load_size`` (a volume: to the cube ``data.volume_size``, ``fit_cube``); every random
+augmentation happens later on the accelerator (pretrain/augment.py, pretrain/augment3d.py).
 
 Why not ``wds.WebDataset(..., resampled=True).with_epoch(n)``: its resampling draws from an
 unseeded per-worker RNG, so a resumed run cannot replay the stream. Here each of the
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from medssl.data.sample import decode_image
+from medssl.data.sample import VOLUME_MEMBER, decode_image, decode_volume
 from medssl.data.shards import list_shards
 from medssl.errors import MedsslError
 from pretrain.pairs import PARTNER, same_patient_pairs
@@ -66,25 +67,50 @@ def batches_before(consumed: int, worker: int, num_workers: int) -> int:
     return max(0, (consumed - worker + num_workers - 1) // num_workers)
 
 
-def load_sample(sample: dict[str, Any], load_size: int) -> dict[str, Any]:
-    """Decode one raw shard sample to a fixed ``[C, load_size, load_size]`` integer tensor.
+def fit_cube(volume: np.ndarray, size: int, fit: str = "crop") -> np.ndarray:
+    """uint16 ``[C, X, Y, Z]`` -> uint16 ``[C, size, size, size]``, deterministic (DataConfig).
 
-    Deterministic on purpose (short side resized to ``load_size``, centre crop): the random
-    crop happens on the accelerator. uint16 is carried as int16 bits (torch has few uint16
-    ops; the device reinterprets them), halving the copy against int32.
+    ``crop``: the centred cube of the shortest side; ``pad``: the volume centred in a cube of
+    its longest side, filled with its lowest stored value. Then one resize to ``size``: area
+    averaging when shrinking (3-D interpolation has no antialias; plain trilinear would
+    alias), trilinear when growing.
+    """
+    c, *sides = volume.shape
+    if fit == "crop":
+        m = min(sides)
+        starts = [(n - m) // 2 for n in sides]
+        cube = volume[:, starts[0]:starts[0] + m, starts[1]:starts[1] + m, starts[2]:starts[2] + m]
+    else:
+        m = max(sides)
+        cube = np.full((c, m, m, m), volume.min(), dtype=volume.dtype)
+        starts = [(m - n) // 2 for n in sides]
+        cube[:, starts[0]:starts[0] + sides[0], starts[1]:starts[1] + sides[1],
+             starts[2]:starts[2] + sides[2]] = volume
+    if m == size:
+        return np.ascontiguousarray(cube)
+    t = torch.from_numpy(cube.astype(np.float32))[None]
+    if m > size:
+        t = F.interpolate(t, size=(size,) * 3, mode="area")
+    else:
+        t = F.interpolate(t, size=(size,) * 3, mode="trilinear", align_corners=False)
+    return t[0].round_().clamp_(0, 65535).numpy().astype(np.uint16)
+
+
+def load_sample(sample: dict[str, Any], load_size: int, volume_fit: str = "crop") -> dict[str, Any]:
+    """Decode one raw shard sample to a fixed ``[C, load_size, load_size]`` integer tensor, or,
+    for a volume sample (``vol.npy.gz``), to ``[C, load_size, load_size, load_size]``.
+
+    Deterministic on purpose (short side resized to ``load_size``, centre crop; volumes:
+    ``fit_cube``): the random crop happens on the accelerator. uint16 is carried as int16
+    bits (torch has few uint16 ops; the device reinterprets them), halving the copy against
+    int32. The result's ``volume`` says which kind it was.
     """
     meta = json.loads(sample["json"])
-    image = decode_image(sample["png"] if "png" in sample else sample["img.png"])
-    _, h, w = image.shape
-    if (h, w) != (load_size, load_size):
-        t = torch.from_numpy(image.astype(np.float32))[None]
-        scale = load_size / min(h, w)
-        nh, nw = max(load_size, round(h * scale)), max(load_size, round(w * scale))
-        t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (nh - load_size) // 2, (nw - load_size) // 2
-        t = t[0, :, top:top + load_size, left:left + load_size]
-        hi = 65535 if image.dtype == np.uint16 else 255
-        image = t.round_().clamp_(0, hi).numpy().astype(image.dtype)
+    volume = VOLUME_MEMBER in sample
+    if volume:
+        image = fit_cube(decode_volume(sample[VOLUME_MEMBER]), load_size, volume_fit)
+    else:
+        image = _fit_square(decode_image(sample["png"] if "png" in sample else sample["img.png"]), load_size)
     if image.dtype == np.uint16:
         tensor = torch.from_numpy(np.array(image, copy=True).view(np.int16))
     else:
@@ -94,11 +120,27 @@ def load_sample(sample: dict[str, Any], load_size: int) -> dict[str, Any]:
     nan = float("nan")
     return {
         "image": tensor,
+        "volume": volume,
         "offset": float(intensity.get("offset", 0.0)),
         "slope": float(intensity.get("slope", 1.0)),
         "center": float(window["center"]) if window.get("center") is not None else nan,
         "width": float(window["width"]) if window.get("width") is not None else nan,
     }
+
+
+def _fit_square(image: np.ndarray, load_size: int) -> np.ndarray:
+    """``[C, H, W]`` -> ``[C, load_size, load_size]``: short side resized, centre crop."""
+    _, h, w = image.shape
+    if (h, w) == (load_size, load_size):
+        return image
+    t = torch.from_numpy(image.astype(np.float32))[None]
+    scale = load_size / min(h, w)
+    nh, nw = max(load_size, round(h * scale)), max(load_size, round(w * scale))
+    t = F.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - load_size) // 2, (nw - load_size) // 2
+    t = t[0, :, top:top + load_size, left:left + load_size]
+    hi = 65535 if image.dtype == np.uint16 else 255
+    return t.round_().clamp_(0, hi).numpy().astype(image.dtype)
 
 
 _SCALARS = ("offset", "slope", "center", "width")
@@ -117,7 +159,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 class ShardStream(IterableDataset):
-    """Endless batches ``{"image": [B, C, L, L], "offset"/"slope"/"center"/"width": [B]}``.
+    """Endless batches ``{"image": [B, C, L, L], "offset"/"slope"/"center"/"width": [B]}``
+    (``volume=True``: ``image`` ``[B, C, L, L, L]`` from volume shards).
 
     ``skip_batches``: loader batches already consumed by this rank (the resume position).
     """
@@ -125,7 +168,8 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], *, rank: int, world_size: int, num_workers: int, seed: int,
                  batch_size: int, load_size: int, in_chans: int, shuffle_buffer: int,
                  shuffle_initial: int, max_bad_samples: int, skip_batches: int = 0,
-                 positives: str = "same_image", pair_buffer: int = 1000):
+                 positives: str = "same_image", pair_buffer: int = 1000, volume: bool = False,
+                 volume_fit: str = "crop"):
         super().__init__()
         self.slices = worker_shards(urls, rank, world_size, num_workers)
         self._urls = frozenset(urls)
@@ -134,6 +178,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.max_bad_samples, self.skip_batches = max_bad_samples, skip_batches
         self.positives, self.pair_buffer = positives, pair_buffer
+        self.volume, self.volume_fit = volume, volume_fit
         self.bad_samples: set[tuple[str, str]] = set()   # (shard, sample key or error) seen bad
 
     @property
@@ -195,12 +240,17 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any] | None:
         """One raw sample -> tensors; None (counted) when it cannot be decoded."""
         try:
-            item = load_sample(raw, self.load_size)
+            item = load_sample(raw, self.load_size, self.volume_fit)
         except MedsslError:
             raise
         except Exception as exn:  # noqa: BLE001  a corrupt PNG or json: counted, bounded, never silent
             self._on_error(exn, raw)
             return None
+        if item.pop("volume") != self.volume:   # a config mismatch, not a damaged sample
+            kind = ("a 2-D image", "a volume model.arch (monai:<Net>)") if self.volume else \
+                ("a volume", "a 2-D (timm) model.arch")
+            raise MedsslError(f"{raw.get('__url__', 'shard')}: sample {raw.get('__key__')} is {kind[0]} "
+                              f"but the run uses {kind[1]}; do not mix 2-D and volume shards")
         if item["image"].shape[0] != self.in_chans:
             raise MedsslError(f"{raw.get('__url__', 'shard')}: sample has {item['image'].shape[0]} "
                               f"channels but model.in_chans={self.in_chans}; set model.in_chans")
@@ -217,14 +267,17 @@ class ShardStream(IterableDataset):
 
 
 def build_loader(urls: list[str], *, rank: int, world_size: int, local_batch: int, seed: int,
-                 data_cfg: Any, in_chans: int, skip_batches: int, pin_memory: bool) -> DataLoader:
-    """DataLoader over ``ShardStream`` (not passed through accelerate's ``prepare``)."""
+                 data_cfg: Any, in_chans: int, skip_batches: int, pin_memory: bool,
+                 volume: bool = False) -> DataLoader:
+    """DataLoader over ``ShardStream`` (not passed through accelerate's ``prepare``);
+    ``volume``: the run's arch is 3-D, so samples are volumes fitted to ``data.volume_size``."""
     stream = ShardStream(
         urls, rank=rank, world_size=world_size, num_workers=data_cfg.num_workers, seed=seed,
-        batch_size=local_batch, load_size=data_cfg.load_size, in_chans=in_chans,
-        shuffle_buffer=data_cfg.shuffle_buffer, shuffle_initial=data_cfg.shuffle_initial,
+        batch_size=local_batch, load_size=data_cfg.volume_size if volume else data_cfg.load_size,
+        in_chans=in_chans, shuffle_buffer=data_cfg.shuffle_buffer, shuffle_initial=data_cfg.shuffle_initial,
         max_bad_samples=data_cfg.max_bad_samples, skip_batches=skip_batches,
-        positives=data_cfg.positives, pair_buffer=data_cfg.pair_buffer,
+        positives=data_cfg.positives, pair_buffer=data_cfg.pair_buffer, volume=volume,
+        volume_fit=data_cfg.volume_fit,
     )
     extra: dict[str, Any] = {}
     if data_cfg.num_workers > 0:

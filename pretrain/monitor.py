@@ -8,7 +8,7 @@ samples carry labels, a leave-one-out kNN accuracy on the same batch is logged b
 
 The batch is the first ``train.eval_samples`` readable samples of the shards' ``val`` split in
 shard order, preprocessed without randomness (window to [0, 1], resize to
-``augment.crop_size``, normalise), so every evaluation of every run sees the same images.
+``augment.crop_size``, or for volumes ``augment.volume_crop_size``, normalise), so every evaluation of every run sees the same images.
 Every rank reads it at start-up, so a missing or unusable val split is the same one-line
 ConfigError on every rank before any collective (rank zero alone refusing would leave the
 others waiting); only rank zero keeps the images. The evaluation runs on rank zero in eval
@@ -34,6 +34,7 @@ from medssl.errors import ConfigError, MedsslError
 from pretrain.augment import window_to_unit
 from pretrain.config import PretrainConfig
 from pretrain.data import load_sample, resolve_shards
+from pretrain.volumes import crop_size, is_volume, load_size
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Monitor:
         raws = wds.tarfile_samples(({"url": u} for u in sorted(urls)), handler=wds.warn_and_continue)
         for raw in itertools.islice(raws, 4 * cfg.train.eval_samples):
             try:
-                item = load_sample(raw, cfg.data.load_size)
+                item = load_sample(raw, load_size(cfg), cfg.data.volume_fit)
             except Exception as exc:  # noqa: BLE001  a damaged val sample: named, skipped
                 log.warning("eval batch: skipping %s in %s (%s)", raw.get("__key__"), raw.get("__url__"), exc)
                 continue
@@ -96,6 +97,11 @@ class Monitor:
                 break
         if len(items) < 2:
             raise ConfigError(f"train.eval_every: fewer than 2 readable {EVAL_SPLIT} samples in {cfg.data.shards}")
+        kinds = {bool(i["volume"]) for i in items}
+        if kinds != {is_volume(cfg)}:
+            raise ConfigError(f"train.eval_every: {EVAL_SPLIT} samples of {cfg.data.shards} are "
+                              f"{'volumes' if True in kinds else '2-D images'} but model.arch={cfg.model.arch} is "
+                              f"{'3-D' if is_volume(cfg) else '2-D'}")
         channels = {int(i["image"].shape[0]) for i in items}
         if channels != {cfg.model.in_chans}:
             raise ConfigError(f"train.eval_every: {EVAL_SPLIT} samples of {cfg.data.shards} have "
@@ -150,12 +156,21 @@ class Monitor:
         return row
 
 
-def _preprocess(items: list[dict[str, Any]], cfg: PretrainConfig) -> torch.Tensor:
-    """Deterministic network input: the sample's window to [0, 1], resized, normalised."""
-    a = cfg.augment
-    image = torch.stack([i["image"] for i in items])
-    scalars = {k: torch.tensor([i[k] for i in items], dtype=torch.float32) for k in ("offset", "slope", "center", "width")}
-    x = window_to_unit(image, scalars["offset"], scalars["slope"], scalars["center"], scalars["width"])
-    if x.shape[-1] != a.crop_size:
-        x = F.interpolate(x, size=(a.crop_size, a.crop_size), mode="bilinear", antialias=True, align_corners=False)
-    return (x.clamp(0, 1) - a.mean) / a.std
+def _preprocess(items: list[dict[str, Any]], cfg: PretrainConfig, chunk: int = 16) -> torch.Tensor:
+    """Deterministic network input: the sample's window to [0, 1], resized, normalised
+    (volumes: the whole cube resized to ``augment.volume_crop_size``, area averaging). In
+    chunks, so the float copies of 256 volumes never exist at once."""
+    a, size = cfg.augment, crop_size(cfg)
+    out = []
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        image = torch.stack([i["image"] for i in part])
+        scalars = {k: torch.tensor([i[k] for i in part], dtype=torch.float32)
+                   for k in ("offset", "slope", "center", "width")}
+        x = window_to_unit(image, scalars["offset"], scalars["slope"], scalars["center"], scalars["width"])
+        if x.shape[-1] != size and x.ndim == 5:
+            x = F.interpolate(x, size=(size,) * 3, mode="area")
+        elif x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append((x.clamp(0, 1) - a.mean) / a.std)
+    return torch.cat(out)

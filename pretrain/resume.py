@@ -53,6 +53,7 @@ from medssl.rundir import (
 )
 from pretrain.config import PretrainConfig
 from pretrain.shardcheck import ShardReport, check_shards, read_cache, warn_if_batch_exceeds
+from pretrain.volumes import crop_size
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ def record_start(plan: RunPlan, cfg: PretrainConfig, world_size: int, augment: d
                           window=data_intensity.get("window"))
     identity: dict[str, Any] = {
         "medssl_version": __version__, "git_sha": sha, "method": cfg.method.name, "arch": cfg.model.arch,
-        "in_chans": cfg.model.in_chans, "input_size": cfg.augment.crop_size,
+        "in_chans": cfg.model.in_chans, "input_size": crop_size(cfg),   # volumes: the cube's side
         "model_kwargs": dict(cfg.model.kwargs), "intensity": intensity, "config": to_dict(cfg)}
     sources = plan.report.sources if plan.report is not None else []
     if plan.record is None:

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from medssl.config import load_config, save_config, to_dict
 from medssl.errors import ConfigError, MedsslError
 from medssl.rundir import RunRecord, load_checkpoint, nonfinite_tensors, write_record
-from pretrain.augment import GpuAugment
 from pretrain.checkpoint import StopFlag, capture_rng, restore_rng, save_checkpoint
 from pretrain.config import PretrainConfig, cosine_factor, scaled_lr
 from pretrain.data import (
@@ -51,6 +50,7 @@ from pretrain.resolve import resolve_config
 from pretrain.resume import RunPlan, plan_run, record_start
 from pretrain.shardcheck import write_cache
 from pretrain.tracking import MetricsFile, start_wandb
+from pretrain.volumes import is_volume, make_augment, memory_format
 
 log = logging.getLogger("medssl.pretrain")
 
@@ -93,8 +93,8 @@ class Pretrainer:
             # SimCLR's negatives span all ranks; per-rank BN statistics leak which rank a
             # sample came from (the paper's "global BN"). Same state_dict keys.
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        if memory_format(cfg) is not None:   # NHWC, or NDHWC for volumes
+            model = model.to(memory_format=memory_format(cfg))
         self.unwrapped = model
         self.optimizer = build_optimizer(model, cfg.train)
         # The scheduler is not prepare()d: accelerate would step it once per process.
@@ -102,7 +102,7 @@ class Pretrainer:
         if cfg.train.compile:
             model.compile()  # in place: state_dict keys stay those of the plain module
         self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
-        self.augment = GpuAugment(cfg.augment, self.spec.n_views, cfg.train.channels_last)
+        self.augment = make_augment(cfg, self.spec.n_views)   # 2-D or 3-D, by model.arch
         self.generator = torch.Generator(device=accelerator.device)
         self.check_grads = accelerator.mixed_precision != "fp16"  # fp16: the scaler skips infs
         # The method's optional hooks (pretrain/methods/__init__.py).
@@ -246,7 +246,7 @@ def _train(cfg: PretrainConfig, stop: StopFlag, force_resume: bool, held: contex
         _json({"rank": rank, "workers": [[Path(u).name for u in s] for s in slices]}))
 
     loader = build_loader(urls, rank=rank, world_size=world, local_batch=local_batch, seed=cfg.seed,
-                          data_cfg=cfg.data, in_chans=cfg.model.in_chans,
+                          data_cfg=cfg.data, in_chans=cfg.model.in_chans, volume=is_volume(cfg),
                           skip_batches=start * cfg.train.grad_accum,
                           pin_memory=cfg.data.pin_memory and accelerator.device.type == "cuda")
     return _loop(cfg, accelerator, trainer, loader, start, ckpt, latest, urls, stop, record, monitor)

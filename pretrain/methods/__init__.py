@@ -18,6 +18,11 @@ only caller):
   when training has failed beyond repair (e.g. collapse); the run stops with it.
 - ``backbone``: the timm model (``num_classes=0``) that is published, so the checkpoint's
   ``backbone.`` prefix yields a plain timm state dict.
+
+Volumes: a ``monai:<Net>`` ``model.arch`` makes the same method names 3-D (each builder
+branches on ``medssl.volume_models.is_volume_arch``; pretrain/volumes.py says which exist):
+``views`` are ``[B, C, D, H, W]`` and ``backbone`` is a ``VolumeBackbone`` whose ``net`` is the
+MONAI network, so the checkpoint's ``backbone.net.`` prefix yields a plain MONAI state dict.
 """
 
 from __future__ import annotations

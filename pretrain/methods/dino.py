@@ -33,7 +33,7 @@ from pretrain.methods import register_method
 # SimCLR's scan-aware choices (no vertical flip, small rotations, mild intensity changes),
 # with DINO's global-crop scale; local crops take augment.local_scale.
 DINO_AUGMENT = dict(
-    scale=(0.4, 1.0), hflip_p=0.5, vflip_p=0.0, rotate_degrees=10.0,
+    scale=(0.4, 1.0), hflip_p=0.5, vflip_p=0.0, flip_axes_p=(0.5, 0.0, 0.0), rotate_degrees=10.0,
     window_center_jitter=0.1, window_width_jitter=0.2,
     intensity_p=0.8, brightness=0.1, contrast=0.2, gamma=0.25,
     blur_p=0.5, blur_sigma=(0.1, 2.0), noise_p=0.2, noise_std=0.03,

@@ -16,12 +16,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from medssl.errors import ConfigError
+from medssl.volume_models import is_volume_arch
 from pretrain.config import PretrainConfig
 from pretrain.methods import register_method
 
 # MAE needs no heavy augmentation: masking is the pretext task (paper: crop + flip only).
 MAE_AUGMENT = dict(
-    scale=(0.2, 1.0), hflip_p=0.5, vflip_p=0.0, rotate_degrees=0.0,
+    scale=(0.2, 1.0), hflip_p=0.5, vflip_p=0.0, flip_axes_p=(0.5, 0.0, 0.0), rotate_degrees=0.0,
     window_center_jitter=0.0, window_width_jitter=0.0,
     intensity_p=0.0, brightness=0.0, contrast=0.0, gamma=0.0,
     blur_p=0.0, blur_sigma=(0.1, 2.0), noise_p=0.0, noise_std=0.0,
@@ -88,6 +89,10 @@ class MAE(nn.Module):
     weight_decay=0.05, augment=MAE_AUGMENT, fixed_input_size=True,
 )
 def build_mae(cfg: PretrainConfig) -> nn.Module:
+    if is_volume_arch(cfg.model.arch):   # 3-D: MONAI's MaskedAutoEncoderViT (methods/mae3d.py)
+        from pretrain.methods.mae3d import build_mae3d
+
+        return build_mae3d(cfg)
     needs = (f"model.arch {cfg.model.arch!r}: MAE needs a timm VisionTransformer "
              "(e.g. vit_base_patch16_224)")
     try:

@@ -11,6 +11,7 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import nn
 
+from medssl.volume_models import create_volume_backbone, is_volume_arch
 from pretrain.config import PretrainConfig
 from pretrain.methods import register_method
 from pretrain.methods.ntxent import masked_ntxent
@@ -18,8 +19,9 @@ from pretrain.methods.ntxent import masked_ntxent
 # Sized for windowed medical intensities, not ImageNet colour: a tight window jitter and mild
 # intensity changes keep tissue contrast meaningful; small rotations because scans are
 # acquired in a canonical orientation; no vertical flip (anatomy has a top and bottom).
+# Volumes (RAS): left-right flips only, for the same reason.
 SIMCLR_AUGMENT = dict(
-    scale=(0.2, 1.0), hflip_p=0.5, vflip_p=0.0, rotate_degrees=10.0,
+    scale=(0.2, 1.0), hflip_p=0.5, vflip_p=0.0, flip_axes_p=(0.5, 0.0, 0.0), rotate_degrees=10.0,
     window_center_jitter=0.1, window_width_jitter=0.2,
     intensity_p=0.8, brightness=0.1, contrast=0.2, gamma=0.25,
     blur_p=0.5, blur_sigma=(0.1, 2.0), noise_p=0.2, noise_std=0.03,
@@ -27,7 +29,9 @@ SIMCLR_AUGMENT = dict(
 
 
 class SimCLR(nn.Module):
-    """timm backbone (``num_classes=0``) + lightly projection head + NT-Xent."""
+    """Backbone + lightly projection head + NT-Xent. The backbone is a timm model
+    (``num_classes=0``) on 2-D views, or a ``VolumeBackbone`` (medssl/volume_models.py) on
+    volumes ``[B, C, D, H, W]``: both give ``[B, num_features]``, which is all the head needs."""
 
     def __init__(self, backbone: nn.Module, hidden_dim: int, output_dim: int, temperature: float):
         super().__init__()
@@ -56,7 +60,10 @@ class SimCLR(nn.Module):
     weight_decay=1e-6, augment=SIMCLR_AUGMENT,
 )
 def build_simclr(cfg: PretrainConfig) -> nn.Module:
-    backbone = timm.create_model(cfg.model.arch, num_classes=0, in_chans=cfg.model.in_chans,
-                                 **cfg.model.kwargs)
+    if is_volume_arch(cfg.model.arch):
+        backbone: nn.Module = create_volume_backbone(cfg.model.arch, cfg.model.in_chans, cfg.model.kwargs)
+    else:
+        backbone = timm.create_model(cfg.model.arch, num_classes=0, in_chans=cfg.model.in_chans,
+                                     **cfg.model.kwargs)
     m = cfg.method
     return SimCLR(backbone, m.proj_hidden_dim, m.proj_output_dim, m.temperature)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from medssl.data.sample import encode_intensity, encode_png
+from medssl.data.sample import VOLUME_MEMBER, encode_intensity, encode_png, encode_volume
 
 # Two cores shared by many test runs: more threads than cores makes every step several
 # times slower and timing-dependent. Subprocesses get OMP_NUM_THREADS=1 (see run_cli).
@@ -81,6 +81,76 @@ def write_shards(out: Path, n_shards: int = 8, per_shard: int = 16, size: int = 
              "labels": None, "config": {}, "modalities": {"CT": n_shards * per_shard}}
     (out / "index.json").write_text(json.dumps(index))
     return out
+
+
+#: Debug-size volume runs (configs/debug_volumes.yaml is 3-D SimCLR on a tiny MONAI ResNet).
+DEBUG_VOLUMES = REPO / "configs" / "debug_volumes.yaml"
+#: MAE 3-D at debug size: a two-block MONAI MaskedAutoEncoderViT, 8-voxel patches, one decoder block.
+TINY_MAE3D = ["method.name=mae", "model.arch=monai:MaskedAutoEncoderViT",
+              "model.kwargs={patch_size: 8, hidden_size: 48, mlp_dim: 96, num_layers: 2, num_heads: 4, "
+              + "decoder_mlp_dim: 96}",
+              "method.decoder_dim=48", "method.decoder_depth=1", "method.decoder_heads=4", "train.lr=0.002"]
+
+
+def synthetic_ct_volume(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """``[X, Y, Z]`` int16 HU: air, a body ellipsoid of soft tissue, a few bright blobs."""
+    grid = np.meshgrid(*[np.arange(n) / n - 0.5 for n in shape], indexing="ij")
+    radii = rng.uniform(0.3, 0.45, 3)
+    body = sum((g / r) ** 2 for g, r in zip(grid, radii)) < 1
+    vol = np.full(shape, -1000.0)
+    vol[body] = rng.normal(40, 10, body.sum())
+    for _ in range(rng.integers(1, 4)):
+        centre = rng.uniform(-0.2, 0.2, 3)
+        r = rng.uniform(0.06, 0.14)
+        vol[(sum((g - c) ** 2 for g, c in zip(grid, centre)) < r * r) & body] = rng.uniform(150, 700)
+    return vol.round().astype(np.int16)
+
+
+def write_volume_shards(out: Path, n_shards: int = 8, per_shard: int = 4, shape: tuple[int, int, int] = (40, 38, 36),
+                        seed: int = 0, val_shards: int = 0, labels: bool = False) -> Path:
+    """Volume shards as `medssl shard --volumes` writes them (``vol.npy.gz`` uint16 RAS + json
+    with ``spacing``), and an index.json with build_index's keys and ``config.volumes: true``;
+    written here so these tests depend on the contract, not on the shard writer."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shards = {}
+    for s in range(n_shards + val_shards):
+        split = "train" if s < n_shards else "val"
+        name = f"{split}-{s:06d}.tar"
+        # encoder=False: webdataset's default encoder would np.save the bytes of a .npy.gz
+        # member (a pickled object array) and gzip that; the member is already encoded.
+        with wds.TarWriter(str(out / name), encoder=False) as sink:
+            for i in range(per_shard):
+                hu = synthetic_ct_volume(rng, shape)
+                stored, offset, slope = encode_intensity(hu)
+                meta = {"modality": "CT", "body_part": None, "view": None, "pixel_spacing": None,
+                        "slice_index": None, "spacing": [1.5, 1.5, 2.0], "patient": f"p-{s:016x}",
+                        "study": None, "series": f"s-{s:08x}-{i}", "channels": 1,
+                        "intensity": {"offset": offset, "slope": slope, "unit": "HU"},
+                        "window": {"center": 40.0, "width": 400.0}}
+                if labels:
+                    meta["label"] = int(hu.max() >= 300)
+                sink.write({"__key__": f"v{s:03d}-{i:012x}", VOLUME_MEMBER: encode_volume(stored),
+                            "json": json.dumps(meta).encode()})
+        data = (out / name).read_bytes()
+        shards[name] = {"split": split, "samples": per_shard, "sha256": hashlib.sha256(data).hexdigest(),
+                        "bytes": len(data)}
+    splits = {"train": {"samples": n_shards * per_shard, "patients": n_shards}}
+    if val_shards:
+        splits["val"] = {"samples": val_shards * per_shard, "patients": val_shards}
+    index = {"format": "medssl-shards/1", "medssl_version": "0.1.0", "created": "2026", "shards": shards,
+             "splits": splits,
+             "inputs": {"seen": 0, "written": 0, "quarantined": 0, "quarantined_by_reason": {},
+                        "skipped_slices_by_reason": {}},
+             "labels": None, "config": {"volumes": True, "spacing": [1.5, 1.5, 2.0]},
+             "modalities": {"CT": (n_shards + val_shards) * per_shard}}
+    (out / "index.json").write_text(json.dumps(index))
+    return out
+
+
+@pytest.fixture(scope="session")
+def volume_shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_volume_shards(tmp_path_factory.mktemp("volume_shards"), val_shards=1, labels=True)
 
 
 @pytest.fixture(scope="session")

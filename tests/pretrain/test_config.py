@@ -19,6 +19,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
     ("pretrain/mae_vit_base.yaml", "mae", "vit_base_patch16_224"),
     ("debug.yaml", "simclr", "resnet10t"),
     ("demo.yaml", "simclr", "efficientnet_lite0"),
+    ("pretrain/simclr_resnet3d.yaml", "simclr", "monai:ResNet"),
+    ("pretrain/mae_vit3d.yaml", "mae", "monai:MaskedAutoEncoderViT"),
+    ("debug_volumes.yaml", "simclr", "monai:ResNet"),
 ])
 def test_shipped_configs_load(name: str, method: str, arch: str):
     cfg = resolve_method_defaults(load_config(PretrainConfig, CONFIGS / name))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DINO, TINY_MAE
+from conftest import DEBUG_VOLUMES, TINY_DINO, TINY_MAE, TINY_MAE3D
 from safetensors.torch import load_file
 
 from pretrain.checkpoint import latest_checkpoint
@@ -26,12 +26,17 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["simclr", "mae", "dino", "micle"])
-def test_two_ranks_stay_in_sync_and_resume_in_one(shard_dir: Path, tmp_path: Path, cli_env: dict, method: str):
+@pytest.mark.parametrize("method", ["simclr", "mae", "dino", "micle", "simclr3d", "mae3d"])
+def test_two_ranks_stay_in_sync_and_resume_in_one(request: pytest.FixtureRequest, tmp_path: Path, cli_env: dict,
+                                                  method: str):
     out = tmp_path / "run"
-    args = [str(REPO / "configs" / "debug.yaml"), f"data.shards={shard_dir}", f"output_dir={out}",
+    volumes = method.endswith("3d")   # volume shards, configs/debug_volumes.yaml (3-D SimCLR)
+    shard_dir = request.getfixturevalue("volume_shard_dir" if volumes else "shard_dir")
+    config = DEBUG_VOLUMES if volumes else REPO / "configs" / "debug.yaml"
+    args = [str(config), f"data.shards={shard_dir}", f"output_dir={out}",
             "data.num_workers=2", "train.max_steps=4", "train.checkpoint_every=2",
-            *{"simclr": [], "mae": TINY_MAE, "dino": TINY_DINO, "micle": ["data.positives=same_patient"]}[method]]
+            *{"simclr": [], "mae": TINY_MAE, "dino": TINY_DINO, "micle": ["data.positives=same_patient"],
+              "simclr3d": [], "mae3d": TINY_MAE3D}[method]]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
               f"--master_port={_free_port()}", "-m", "pretrain", *args, "debug.dump_rank_weights=true"]
     done = subprocess.run(launch, env=cli_env, cwd=REPO, capture_output=True, text=True, timeout=400)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_DINO, TINY_MAE
+from conftest import DEBUG_VOLUMES, TINY_DINO, TINY_MAE, TINY_MAE3D
 
 from pretrain.checkpoint import latest_checkpoint
 from pretrain.trainer import pretrain_command
@@ -27,8 +27,8 @@ def _overrides(shards: Path, out: Path, workers: int, *extra: str) -> list[str]:
             f"data.num_workers={workers}", "train.batch_size=8", *extra]
 
 
-def _cmd(*args: object) -> list[str]:
-    return [sys.executable, "-m", "pretrain", str(DEBUG), *_overrides(*args)]
+def _cmd(config: Path, *args: object) -> list[str]:
+    return [sys.executable, "-m", "pretrain", str(config), *_overrides(*args)]
 
 
 def _last_step(out: Path) -> int:
@@ -44,13 +44,20 @@ def _last_step(out: Path) -> int:
 
 #: Every method the resume must hold for (SimCLR is debug.yaml's own): DINO's EMA teacher,
 #: centre and schedule step must come back from the checkpoint too.
-METHODS = {"simclr": [], "mae": TINY_MAE, "dino": TINY_DINO, "micle": ["data.positives=same_patient"]}
+#: Volumes (configs/debug_volumes.yaml, volume shards): the 3-D augmentation's generator, and
+#: MONAI's MAE masking, which draws from the global CPU RNG the trainer reseeds every step.
+METHODS = {"simclr": [], "mae": TINY_MAE, "dino": TINY_DINO, "micle": ["data.positives=same_patient"],
+           "simclr3d": [], "mae3d": TINY_MAE3D}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, method", [(0, "simclr"), (2, "simclr"), (0, "mae"), (0, "dino"), (2, "micle")])
-def test_signal_then_resume_is_bitwise_equal(shard_dir: Path, tmp_path: Path, cli_env: dict, workers: int,
-                                             method: str):
+@pytest.mark.parametrize("workers, method", [(0, "simclr"), (2, "simclr"), (0, "mae"), (0, "dino"), (2, "micle"),
+                                             (2, "simclr3d"), (0, "mae3d")])
+def test_signal_then_resume_is_bitwise_equal(request: pytest.FixtureRequest, tmp_path: Path, cli_env: dict,
+                                             workers: int, method: str):
+    volumes = method.endswith("3d")
+    config = DEBUG_VOLUMES if volumes else DEBUG
+    shard_dir = request.getfixturevalue("volume_shard_dir" if volumes else "shard_dir")
     rng = random.Random()
     stop_after = rng.randint(1, STEPS - 2)
     sig = rng.choice([signal.SIGTERM, signal.SIGUSR1])
@@ -59,9 +66,9 @@ def test_signal_then_resume_is_bitwise_equal(shard_dir: Path, tmp_path: Path, cl
 
     ref, run = tmp_path / "ref", tmp_path / "run"
     # The reference runs in this process (one thread, like the CLI runs): saves an interpreter start.
-    assert pretrain_command(DEBUG, _overrides(shard_dir, ref, workers, *extra)) == 0
+    assert pretrain_command(config, _overrides(shard_dir, ref, workers, *extra)) == 0
 
-    proc = subprocess.Popen(_cmd(shard_dir, run, workers, *extra, "debug.step_sleep=0.25"), env=cli_env, cwd=REPO,
+    proc = subprocess.Popen(_cmd(config, shard_dir, run, workers, *extra, "debug.step_sleep=0.25"), env=cli_env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while _last_step(run) < stop_after and proc.poll() is None and time.time() < deadline:
@@ -72,7 +79,7 @@ def test_signal_then_resume_is_bitwise_equal(shard_dir: Path, tmp_path: Path, cl
     stopped = torch.load(latest_checkpoint(run), weights_only=True)
     assert stop_after <= stopped["step"] < STEPS, why
 
-    again = subprocess.run(_cmd(shard_dir, run, workers, *extra), env=cli_env, cwd=REPO, capture_output=True, text=True)
+    again = subprocess.run(_cmd(config, shard_dir, run, workers, *extra), env=cli_env, cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0, f"{why}\n{again.stderr[-3000:]}"
 
     a = torch.load(latest_checkpoint(ref), weights_only=True)

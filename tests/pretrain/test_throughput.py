@@ -31,10 +31,11 @@ def test_throughput_one_config(tmp_path: Path):
 
 
 def test_throughput_every_method_preset(tmp_path: Path):
-    """Every preset (SimCLR, MAE, DINO multi-crop, MICLe pairs) at tiny size: all eight figures."""
+    """Every preset (SimCLR, MAE, DINO multi-crop, MICLe pairs, SimCLR and MAE on volumes) at
+    tiny size: all eight figures."""
     out = tmp_path / "all.json"
     figures = _bench().main([*TINY, "--preset", "all", "--tiny", "--json", str(out)])
-    assert set(figures) == {"simclr", "mae", "dino", "micle"}
+    assert set(figures) == {"simclr", "mae", "dino", "micle", "simclr3d", "mae3d"}
     for name, results in figures.items():
         assert set(results) == KINDS and all(v > 0 for v in results.values()), name
     assert json.loads(out.read_text())["results"].keys() == figures.keys()
