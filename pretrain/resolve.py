@@ -28,8 +28,7 @@ def resolve_config(cfg: PretrainConfig) -> PretrainConfig:
     cfg = resolve_method_defaults(cfg)
     check_shards_fit(cfg)
     check_model(cfg, get_method(cfg.method.name))
-    if not is_volume_arch(cfg.model.arch):   # volumes start from random weights (pretrain/volumes.py)
-        check_init(cfg)
+    check_init(cfg)
     return cfg
 
 

@@ -89,9 +89,6 @@ def resolve_volume_model(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.augment.local_crops:
         raise ConfigError(f"augment.local_crops={cfg.augment.local_crops}: no multi-crop for volumes; "
                           "set augment.local_crops=0")
-    if cfg.model.init != "random":
-        raise ConfigError(f"model.init={cfg.model.init}: 3-D pretraining starts from random weights "
-                          f"only (model.arch={arch}); set model.init=random")
     wanted: dict[str, Any] = {}
     from monai.networks import nets
 

@@ -200,7 +200,8 @@ def test_the_member_alone_marks_volume_shards(tmp_path: Path):
 @pytest.mark.parametrize("extra, message", [
     (["method.name=mae"], "needs model.arch=monai:MaskedAutoEncoderViT"),
     (["method.name=dino"], "has no 3-D version"),
-    (["model.init=imagenet"], "random weights only"),
+    (["model.init=imagenet"], "no ImageNet weights for 3-D backbones"),
+    (["model.init=monai-ssl:/nonexistent/model_swinvit.pt"], "file not found"),
     ([*TINY_MAE3D, "model.kwargs={patch_size: 8, hidden_size: 48, num_heads: 4, img_size: 64}"],
      "contradicts augment.volume_crop_size"),
     (["model.arch=monai:SwinUNETR", "model.kwargs={feature_size: 12}", "augment.volume_crop_size=24",
@@ -229,3 +230,40 @@ def test_a_2d_run_recorded_before_the_volume_settings_still_resumes(shard_dir: P
     code, errors, err = run_cli(capsys, f"data.shards={shard_dir}", f"output_dir={run_copy}", "train.max_steps=7")
     assert code == 0 and not errors, err
     assert read_record(run_copy).input_size == 32   # 2-D: augment.crop_size
+
+
+def test_a_volume_run_continues_from_published_3d_weights(tmp_path: Path, volume_shard_dir: Path,
+                                                           shard_dir: Path):
+    """model.init=ssl:DIR for a monai: arch: the published MONAI network, whole and strict, in
+    backbone.net; recorded as where the run started; 2-D weights are refused first."""
+    from safetensors.torch import load_file
+
+    from medssl.publish import publish_command
+    from medssl.rundir import read_record
+    from pretrain.init import load_init
+    from pretrain.trainer import train
+
+    first = tmp_path / "first"
+    base = [f"data.shards={volume_shard_dir}", "train.max_steps=2", "train.checkpoint_every=2",
+            "augment.volume_crop_size=24"]
+    assert pretrain_command(DEBUG_VOLUMES, [*base, f"output_dir={first}"]) == 0
+    published = tmp_path / "published"
+    assert publish_command(first, published) == 0
+    cfg = _cfg(volume_shard_dir, tmp_path, "augment.volume_crop_size=24", f"model.init=ssl:{published}")
+    model = get_method("simclr").build(cfg)
+    assert "medssl 3-D weights published" in load_init(model, cfg)
+    weights = load_file(published / "model.safetensors")
+    state = model.backbone.net.state_dict()
+    assert set(state) == set(weights) and all(torch.equal(state[k], weights[k]) for k in weights)
+    run = tmp_path / "second"
+    assert train(_cfg(volume_shard_dir, tmp_path, "augment.volume_crop_size=24", "train.max_steps=1",
+                      "train.checkpoint_every=1", f"model.init=ssl:{published}",
+                      f"output_dir={run}")) == 0
+    assert "medssl 3-D weights published" in read_record(run).started_from
+
+    flat = tmp_path / "flat"   # 2-D weights for a 3-D run: one line before any work
+    assert pretrain_command(DEBUG_CONFIG, [f"data.shards={shard_dir}", f"output_dir={flat}",
+                                           "train.max_steps=1", "train.checkpoint_every=1"]) == 0
+    assert publish_command(flat, tmp_path / "flat-published") == 0
+    with pytest.raises(ConfigError, match="2-D weights"):
+        _cfg(volume_shard_dir, tmp_path, f"model.init=ssl:{tmp_path / 'flat-published'}")
