@@ -56,6 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-burned-in", action="store_true",
                    help="keep images flagged BurnedInAnnotation=YES and secondary captures "
                         "(check their pixels for names first)")
+    p.add_argument("--volumes", action="store_true",
+                   help="one sample per 3-D volume (vol.npy.gz, RAS): each DICOM series "
+                        "(grouped by SeriesInstanceUID, sorted by slice position; gapped, uneven "
+                        "or mixed series quarantined) and each NIfTI volume, resampled to "
+                        "--spacing")
+    p.add_argument("--spacing", metavar="X,Y,Z", default=None,
+                   help="with --volumes: voxel size in mm after resampling (bilinear, MONAI "
+                        "Spacing), or 'native' to keep each volume's own; default 1.5,1.5,2.0")
     p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial",
                    help="anatomical plane NIfTI volumes are cut along (default axial)")
 
