@@ -159,28 +159,32 @@ def _collect_inputs(args: argparse.Namespace, salt: bytes | None = None):
 
 
 def _volume_inputs(args: argparse.Namespace, recipe, salt: bytes | None) -> list[InputItem]:
-    """``--volumes``: one InputItem per DICOM series or NIfTI volume (``volumes.plan``), from
+    """``--volumes``: one InputItem per DICOM series or NIfTI volume (``volume_plan``), from
     discovered files or, with a recipe's manifest, one per row (a NIfTI or a series folder)."""
-    from medssl.data import readers, volumes
+    from medssl.data import readers, volume_plan
+    from medssl.data.volumes import parse_spacing
 
-    pixdim = volumes.parse_spacing(args.spacing)
+    pixdim = parse_spacing(args.spacing)
     if recipe is not None and recipe.manifest is not None:
         if recipe.slice_column:
             raise ConfigError(f"--volumes: recipe {recipe.source or recipe.name} has a "
                               "slice_column; a volume sample is the whole volume, one label each")
         entries = recipe.manifest_entries(list(args.inputs), include_dropped=True, salt=salt,
                                           folders=True)
+        todo = [e for e in entries if not e.quarantine]
+        planned = iter(volume_plan.plan_rows([e.path for e in todo], pixdim, args.max_pixels,
+                                             args.workers))
         items = []
         for i, e in enumerate(entries):
-            planned = {"path": str(e.path), "quarantine": e.quarantine} if e.quarantine else \
-                volumes.plan_entry(Path(e.path), pixdim, args.max_pixels)
+            where = {"path": str(e.path), "quarantine": e.quarantine} if e.quarantine \
+                else next(planned)
             items.append(InputItem(i, patient_id=str(e.patient_id), label=e.label, split=e.split,
-                                   attributes=tuple(sorted(e.attributes.items())), **planned))
+                                   attributes=tuple(sorted(e.attributes.items())), **where))
     else:
         found = readers.discover(list(args.inputs))
         log.info("volumes: reading the headers of %d files", len(found))
         items = [InputItem(i, **p) for i, p in
-                 enumerate(volumes.plan(found, pixdim, args.max_pixels, args.workers))]
+                 enumerate(volume_plan.plan(found, pixdim, args.max_pixels, args.workers))]
     if not items:
         raise MedsslError(f"shard: no input files found under {', '.join(map(str, args.inputs))}")
     return items

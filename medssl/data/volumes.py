@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medssl.data.quarantine import Quarantine
+from medssl.data.quarantine import Quarantine, muted_loggers
 from medssl.data.sample import Slice
 from medssl.errors import ConfigError
 
@@ -44,6 +44,8 @@ NATIVE = "native"
 #: The issue's default: 1.5 mm in-plane, 2 mm between slices (a common CT SSL grid).
 DEFAULT_SPACING = "1.5,1.5,2.0"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: What ``dicom._silenced`` mutes, held once around a whole series (see ``muted_loggers``).
+_DECODER_LOGGERS = ("pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle")
 
 
 def parse_spacing(text: str | None) -> tuple[float, float, float] | None:
@@ -114,9 +116,22 @@ def read_volumes(item, job) -> Iterator[Slice]:
 
 
 def _series_volume(item, job) -> Slice:
+    affine = _LPS_TO_RAS @ np.asarray(item.geometry, dtype=np.float64).reshape(4, 4)
+    with muted_loggers(*_DECODER_LOGGERS):  # once per series, not twice per slice
+        volume, first = _stack(item, job)
+    out, spacing = resample(volume, affine, job.spacing)
+    del volume
+    first.pixels, first.spacing = out, spacing
+    first.pixel_spacing = first.slice_index = None
+    first.source = item.path
+    return first
+
+
+def _stack(item, job) -> tuple[np.ndarray, Slice]:
+    """The series' slices, decoded in order, as float32 ``[columns, rows, slices]``, and the
+    first slice (whose identity and codes the volume takes)."""
     from medssl.data.dicom import read_dicom
 
-    affine = _LPS_TO_RAS @ np.asarray(item.geometry, dtype=np.float64).reshape(4, 4)
     volume = None
     first: Slice | None = None
     for k, path in enumerate(item.files):
@@ -134,12 +149,7 @@ def _series_volume(item, job) -> Slice:
         elif s.pixels.shape != (volume.shape[1], volume.shape[0]):
             raise Quarantine("mixed_dimensions", "slices differ in rows/columns")
         volume[:, :, k] = s.pixels.T  # vol[column, row, slice], as the affine says
-    out, spacing = resample(volume, affine, job.spacing)
-    del volume
-    first.pixels, first.spacing = out, spacing
-    first.pixel_spacing = first.slice_index = None
-    first.source = item.path
-    return first
+    return volume, first
 
 
 def _nifti_volumes(item, job) -> Iterator[Slice]:
@@ -168,65 +178,3 @@ def _nifti_volumes(item, job) -> Iterator[Slice]:
         del volume
         yield Slice(pixels=out, patient_id=patient, spacing=spacing,
                     source=f"{path}#volume={t}" if n_vol > 1 else str(path))
-
-
-# ------------------------------------------------------------------ planning (parent side)
-
-def plan(found, pixdim, max_pixels: int, workers: int) -> list[dict]:
-    """Discovered files (``readers.Found``) -> one input per volume, as InputItem keyword
-    dicts (``path``, ``files``, ``geometry``, ``quarantine``, ``detail``), sorted by path."""
-    from medssl.data import dicom_series, readers
-
-    inputs: list[dict] = []
-    dicoms: list[str] = []
-    for f in found:
-        name = f.path.name.lower()
-        if f.problem:
-            inputs.append({"path": str(f.path), "quarantine": f.problem})
-        elif name.endswith(readers.NIFTI_SUFFIXES):
-            inputs.append({"path": str(f.path)})
-        elif name.endswith(readers.IMAGE_SUFFIXES):
-            inputs.append({"path": str(f.path), "quarantine": "not_a_volume",
-                           "detail": "a 2-D image; --volumes reads DICOM series and NIfTI"})
-        elif name.endswith(readers.DICOM_SUFFIXES) or readers.has_dicom_preamble(f.path):
-            dicoms.append(str(f.path))
-        else:
-            inputs.append({"path": str(f.path), "quarantine": "unsupported_format"})
-    headers = list(dicom_series.read_headers(dicoms, max_pixels, workers))
-    series, bad = dicom_series.group_series(headers)
-    inputs += [{"path": h.path, "quarantine": h.problem} for h in bad]
-    per_folder: dict[str, int] = {}
-    for p in dicoms:
-        parent = str(Path(p).parent)
-        per_folder[parent] = per_folder.get(parent, 0) + 1
-    for s in series:
-        s = dicom_series.check_budget(s, pixdim, max_pixels)
-        folder = str(Path(s.files[0]).parent)
-        alone = all(str(Path(p).parent) == folder for p in s.files) \
-            and per_folder.get(folder) == len(s.files)
-        entry = {"path": folder if alone else s.files[0], "files": tuple(s.files),
-                 "quarantine": s.reason, "detail": s.detail}
-        if s.reason is None:
-            entry["geometry"] = tuple(float(v) for v in dicom_series.lps_affine(s).ravel())
-        inputs.append(entry)
-    return sorted(inputs, key=lambda e: Path(e["path"]).as_posix())
-
-
-def plan_entry(path: Path, pixdim, max_pixels: int) -> dict:
-    """One manifest row's volume: a NIfTI file, or a folder holding exactly one series."""
-    from medssl.data import readers
-
-    if path.is_file() and path.name.lower().endswith(readers.NIFTI_SUFFIXES):
-        return {"path": str(path)}
-    if not path.is_dir():
-        return {"path": str(path), "quarantine": "not_a_volume",
-                "detail": "a manifest row names a NIfTI file or a DICOM series folder"}
-    planned = plan(readers.discover([path]), pixdim, max_pixels, workers=1)
-    series = [p for p in planned if p.get("files")]
-    if len(series) > 1:
-        return {"path": str(path), "quarantine": "multiple_series",
-                "detail": f"the folder holds {len(series)} series; name one per row"}
-    if not series:
-        reason = planned[0]["quarantine"] if planned else "no_images"
-        return {"path": str(path), "quarantine": reason or "no_images"}
-    return {**series[0], "path": str(path)}
