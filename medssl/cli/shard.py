@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"default {DEFAULT_MAX_BAD}. A run that writes no sample always fails")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="memory budget of one decode, in pixel values: a DICOM frame or image page "
-                        "(rows x columns x samples), a whole NIfTI volume (voxels); values over 16 "
+                        "(rows x columns x samples), a whole NIfTI volume (voxels); with --volumes also a "
+                        "whole series and the volume resampled to --spacing; values over 16 "
                         "bits count once per 16 bits. Larger files are quarantined as too_large "
                         f"from their header, before decoding. Default {DEFAULT_MAX_PIXELS} keeps a "
                         "worker under 1 GB")

@@ -313,3 +313,103 @@ def test_verify_accepts_volume_shards_and_catches_a_corrupt_volume(tmp_path, sal
     (out / "index.json").write_text(json.dumps(index))
     problems = verify_shards(out)
     assert len(problems) == 1 and f"{VOLUME_MEMBER} does not decode" in problems[0]
+
+
+def _headers(positions, **over) -> list:
+    from medssl.data.dicom_series import Header
+
+    base = dict(series="s", patient="p", orientation=AXIAL, pixel_spacing=(1.0, 1.0), rows=4,
+                cols=4)
+    return [Header(path=f"f{i}.dcm", position=tuple(map(float, pos)),
+                   **{**base, **{k: v[i] if isinstance(v, list) else v for k, v in over.items()}})
+            for i, pos in enumerate(positions)]
+
+
+@pytest.mark.parametrize(("positions", "over", "reason"), [
+    ([(0, 0, z) for z in (0, 2.5, 5, 7.5)], {}, None),
+    ([(0, 0, z) for z in (7.5, 0, 5, 2.5)], {}, None),                      # any file order
+    ([(0, 0, z) for z in (0, 2.5, 5.0004, 7.5)], {}, None),                 # decimal noise
+    ([(0, 0, z) for z in (0, 2.5, 7.5, 12.5)], {}, "missing_slices"),
+    ([(0, 0, z) for z in (0, 2.5, 5.6, 7.5)], {}, "inconsistent_spacing"),
+    ([(0, 0, z) for z in (0, 2.5, 2.5, 5)], {}, "duplicate_slices"),
+    ([(0, z / 5, z) for z in (0, 2.5, 5, 7.5)], {}, "gantry_tilt"),
+    ([(0, 0, z) for z in (0, 2.5)], {}, "too_few_slices"),
+    ([(0, 0, z) for z in (0, 2.5, 5)], {"patient": ["p", "p", "q"]}, "mixed_patients"),
+    ([(0, 0, z) for z in (0, 2.5, 5)], {"rows": [4, 4, 8]}, "mixed_dimensions"),
+    ([(0, 0, z) for z in (0, 2.5, 5)], {"pixel_spacing": [(1, 1), (1, 1), (1, 1.2)]},
+     "inconsistent_spacing"),
+    ([(0, 0, z) for z in (0, 2.5, 5)], {"orientation": [AXIAL, AXIAL, (0, 1, 0, 0, 0, -1)]},
+     "mixed_orientation"),
+    ([(0, 0, z) for z in (0, 2.5, 5)], {"frames": [1, 1, 2]}, "multiframe"),
+    ([(0, 0, z) for z in (0, 2.5, 5)], {"orientation": [AXIAL, None, AXIAL]},
+     "missing_geometry"),
+])
+def test_series_geometry_checks(positions, over, reason):
+    from medssl.data.dicom_series import check_series
+
+    series = check_series(_headers(positions, **over))
+    assert series.reason == reason
+    if reason is None:  # sorted along the normal, whatever the file order
+        z = [h.position[2] for h in series.headers]
+        assert z == sorted(z)
+
+
+def test_four_d_nifti_gives_one_volume_per_index(tmp_path, salt):
+    data = np.stack([volume_hu(seed=s) for s in (0, 1)], axis=-1)
+    (tmp_path / "nifti").mkdir()
+    nib.save(nib.Nifti1Image(data, ras_affine()), tmp_path / "nifti" / "sub-01_bold.nii.gz")
+    assert run_shard([tmp_path / "nifti"], tmp_path / "out", salt, "--spacing", "native") == 0
+    got = samples(tmp_path / "out")
+    assert len(got) == 2 and got[0].patient == got[1].patient and got[0].key != got[1].key
+    stored = sorted((s.modality_units()[0] for s in got), key=lambda v: float(v[0, 0, 0]))
+    expected = sorted((data[::-1, ::-1, :, t] for t in (0, 1)), key=lambda v: float(v[0, 0, 0]))
+    for a, b in zip(stored, expected):
+        np.testing.assert_array_equal(a, b)
+    (line,) = report(tmp_path / "out")
+    assert line["samples"] == 2 and "slices" not in line
+
+
+def test_spacing_without_volumes_is_refused(tmp_path, salt, capfd):
+    write_series(tmp_path / "scans" / "s", volume_hu())
+    code = main(["shard", str(tmp_path / "scans"), "--out", str(tmp_path / "out"),
+                 "--salt-file", str(salt), "--spacing", "1,1,1"])
+    assert code == 2 and "--spacing is the voxel size of --volumes" in capfd.readouterr().err
+    assert run_shard([tmp_path / "scans"], tmp_path / "out", salt, "--spacing", "1,0,1") == 2
+    assert "give three positive voxel sizes" in capfd.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_volume_run_resumes_after_sigkill(tmp_path, salt):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from medssl.data.synth_volumes import write_volume_corpus
+
+    corpus = tmp_path / "corpus"
+    write_volume_corpus(corpus, patients=8, slices=6, size=32, seed=1)
+    cmd = [sys.executable, "-m", "medssl", "shard", str(corpus), "--salt-file", str(salt),
+           "--splits", SPLITS, "--shard-size", "1", "--workers", "2", "--volumes",
+           "--spacing", "12,12,12", "--out"]
+    # The reference on one worker (the bytes do not depend on the count; one MONAI import less)
+    assert run_shard([corpus], tmp_path / "ref", salt, "--shard-size", "1", "--spacing",
+                     "12,12,12") == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(out.glob("train-000001.tar")):
+        time.sleep(0.005)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, like a node failure
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    assert not (out / "index.json").exists(), "the run finished before it could be killed"
+    assert subprocess.run([*cmd, str(out)], capture_output=True).returncode == 0
+    ref = {p.name: sha256_file(p) for p in sorted((tmp_path / "ref").glob("*.tar"))}
+    assert ref == {p.name: sha256_file(p) for p in sorted(out.glob("*.tar"))} and len(ref) == 8
+    assert verify_shards(out) == [] and len(report(out)) == 8
