@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "whole series and the volume resampled to --spacing; values over 16 "
                         "bits count once per 16 bits. Larger files are quarantined as too_large "
                         f"from their header, before decoding. Default {DEFAULT_MAX_PIXELS} keeps a "
-                        "worker under 1 GB")
+                        "2-D worker under 1 GB (a --volumes worker, with torch and MONAI, "
+                        "about 2 GB)")
     p.add_argument("--allow-burned-in", action="store_true",
                    help="keep images flagged BurnedInAnnotation=YES and secondary captures "
                         "(check their pixels for names first)")

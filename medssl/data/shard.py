@@ -24,6 +24,12 @@ complete, and a re-run with the same arguments is a no-op ("already complete") o
 listed shard is checked to exist with its recorded size and sha256 (a damaged folder is
 refused, naming the shard); with other arguments it is refused rather than mixed.
 
+Volumes. ``--volumes`` runs the same pipeline with one input per volume (a DICOM series or a
+NIfTI file, planned from headers by ``volume_plan``, read by ``volumes``) and one sample per
+volume, ``vol.npy.gz`` in place of ``img.png``; index.json's config records ``volumes: true``
+and the ``spacing``, so a re-run with other settings is refused and readers can tell a volume
+folder from a 2-D one.
+
 Safety. Arguments, splits, the salt and the inputs are all checked before the shard folder is
 created; the folder is then locked (``medssl.lock.FolderLock``) for the whole run, so a second
 ``medssl shard`` into it refuses in one line instead of deleting the first one's temporary

@@ -11,7 +11,9 @@ WebDataset for the tar writer. A forked worker starts with the parent's ~500 MB 
 and drifts towards a private copy of it as reference counts touch the shared pages; a
 spawned one starts near 60 MB, so ``--max-pixels`` is what its peak depends on. The price is
 about half a second per run to start the workers (benchmarks/ingest.py: 400 CT slices on two
-workers, 3.4 s against 2.9 s forked; the same CPU per slice).
+workers, 3.4 s against 2.9 s forked; the same CPU per slice). A ``--volumes`` worker imports
+torch and MONAI as well, for the resampling (``volumes``: ~0.9 GB resident, ~5 s to import),
+and holds one volume at a time: its window is one task per worker.
 """
 
 from __future__ import annotations
