@@ -44,4 +44,24 @@ def test_unsupported_arrays_are_refused():
     with pytest.raises(ValueError):
         encode_png(np.zeros((4, 4), dtype=np.float32))
     with pytest.raises(ValueError):
-        encode_intensity(np.zeros((2, 4, 4)))
+        encode_intensity(np.zeros((2, 2, 4, 4)))
+
+
+def test_volume_member_round_trips_exactly_and_never_unpickles():
+    from medssl.data.sample import decode_volume, encode_volume
+
+    hu = np.arange(-1024, -1024 + 6 * 7 * 5).reshape(6, 7, 5).astype(np.int16)
+    stored, offset, slope = encode_intensity(hu)   # volumes: the same rule as slices
+    assert (offset, slope) == (-1024.0, 1.0)
+    data = encode_volume(stored)
+    assert data == encode_volume(stored)           # deterministic bytes (gzip mtime 0)
+    back = decode_volume(data)
+    assert back.shape == (1, 6, 7, 5) and back.dtype == np.uint16
+    assert np.array_equal(back[0] * slope + offset, hu)
+    import gzip
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="pickle"):   # an object .npy is refused, never loaded
+        decode_volume(gzip.compress(buf.getvalue()))
