@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import _tree_memory  # noqa: E402  (the same tree-memory sampling as 2-D)
+from ingest import _tree_memory  # the same tree-memory sampling as 2-D
 
 INGEST = Path(__file__).resolve().parent / "ingest.py"
 

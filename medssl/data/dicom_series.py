@@ -259,5 +259,5 @@ def resampled_shape(affine: np.ndarray, shape: tuple[int, int, int],
                         for k in (0, shape[2] - 1)]) @ affine.T
     extent = corners[:, :3].max(axis=0) - corners[:, :3].min(axis=0)
     steps = np.abs(affine[:3, :3]).max(axis=1)  # the voxel size along each world axis
-    size = [int(math.ceil((e + s) / p)) + 1 for e, s, p in zip(extent, steps, pixdim)]
+    size = [math.ceil((e + s) / p) + 1 for e, s, p in zip(extent, steps, pixdim)]
     return size[0], size[1], size[2]

@@ -315,45 +315,6 @@ def test_verify_accepts_volume_shards_and_catches_a_corrupt_volume(tmp_path, sal
     assert len(problems) == 1 and f"{VOLUME_MEMBER} does not decode" in problems[0]
 
 
-def _headers(positions, **over) -> list:
-    from medssl.data.dicom_series import Header
-
-    base = dict(series="s", patient="p", orientation=AXIAL, pixel_spacing=(1.0, 1.0), rows=4,
-                cols=4)
-    return [Header(path=f"f{i}.dcm", position=tuple(map(float, pos)),
-                   **{**base, **{k: v[i] if isinstance(v, list) else v for k, v in over.items()}})
-            for i, pos in enumerate(positions)]
-
-
-@pytest.mark.parametrize(("positions", "over", "reason"), [
-    ([(0, 0, z) for z in (0, 2.5, 5, 7.5)], {}, None),
-    ([(0, 0, z) for z in (7.5, 0, 5, 2.5)], {}, None),                      # any file order
-    ([(0, 0, z) for z in (0, 2.5, 5.0004, 7.5)], {}, None),                 # decimal noise
-    ([(0, 0, z) for z in (0, 2.5, 7.5, 12.5)], {}, "missing_slices"),
-    ([(0, 0, z) for z in (0, 2.5, 5.6, 7.5)], {}, "inconsistent_spacing"),
-    ([(0, 0, z) for z in (0, 2.5, 2.5, 5)], {}, "duplicate_slices"),
-    ([(0, z / 5, z) for z in (0, 2.5, 5, 7.5)], {}, "gantry_tilt"),
-    ([(0, 0, z) for z in (0, 2.5)], {}, "too_few_slices"),
-    ([(0, 0, z) for z in (0, 2.5, 5)], {"patient": ["p", "p", "q"]}, "mixed_patients"),
-    ([(0, 0, z) for z in (0, 2.5, 5)], {"rows": [4, 4, 8]}, "mixed_dimensions"),
-    ([(0, 0, z) for z in (0, 2.5, 5)], {"pixel_spacing": [(1, 1), (1, 1), (1, 1.2)]},
-     "inconsistent_spacing"),
-    ([(0, 0, z) for z in (0, 2.5, 5)], {"orientation": [AXIAL, AXIAL, (0, 1, 0, 0, 0, -1)]},
-     "mixed_orientation"),
-    ([(0, 0, z) for z in (0, 2.5, 5)], {"frames": [1, 1, 2]}, "multiframe"),
-    ([(0, 0, z) for z in (0, 2.5, 5)], {"orientation": [AXIAL, None, AXIAL]},
-     "missing_geometry"),
-])
-def test_series_geometry_checks(positions, over, reason):
-    from medssl.data.dicom_series import check_series
-
-    series = check_series(_headers(positions, **over))
-    assert series.reason == reason
-    if reason is None:  # sorted along the normal, whatever the file order
-        z = [h.position[2] for h in series.headers]
-        assert z == sorted(z)
-
-
 def test_four_d_nifti_gives_one_volume_per_index(tmp_path, salt):
     data = np.stack([volume_hu(seed=s) for s in (0, 1)], axis=-1)
     (tmp_path / "nifti").mkdir()
@@ -409,7 +370,7 @@ def test_volume_run_resumes_after_sigkill(tmp_path, salt):
         pass
     proc.wait()
     assert not (out / "index.json").exists(), "the run finished before it could be killed"
-    assert subprocess.run([*cmd, str(out)], capture_output=True).returncode == 0
+    assert subprocess.run([*cmd, str(out)], check=False, capture_output=True).returncode == 0
     ref = {p.name: sha256_file(p) for p in sorted((tmp_path / "ref").glob("*.tar"))}
     assert ref == {p.name: sha256_file(p) for p in sorted(out.glob("*.tar"))} and len(ref) == 8
     assert verify_shards(out) == [] and len(report(out)) == 8
