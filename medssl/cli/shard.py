@@ -49,13 +49,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"default {DEFAULT_MAX_BAD}. A run that writes no sample always fails")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="memory budget of one decode, in pixel values: a DICOM frame or image page "
-                        "(rows x columns x samples), a whole NIfTI volume (voxels); values over 16 "
+                        "(rows x columns x samples), a whole NIfTI volume (voxels); with --volumes also a "
+                        "whole series and the volume resampled to --spacing; values over 16 "
                         "bits count once per 16 bits. Larger files are quarantined as too_large "
                         f"from their header, before decoding. Default {DEFAULT_MAX_PIXELS} keeps a "
-                        "worker under 1 GB")
+                        "2-D worker under 1 GB (a --volumes worker, with torch and MONAI, "
+                        "about 2 GB)")
     p.add_argument("--allow-burned-in", action="store_true",
                    help="keep images flagged BurnedInAnnotation=YES and secondary captures "
                         "(check their pixels for names first)")
+    p.add_argument("--volumes", action="store_true",
+                   help="one sample per 3-D volume (vol.npy.gz, RAS): each DICOM series "
+                        "(grouped by SeriesInstanceUID, sorted by slice position; gapped, uneven "
+                        "or mixed series quarantined) and each NIfTI volume, resampled to "
+                        "--spacing")
+    p.add_argument("--spacing", metavar="X,Y,Z", default=None,
+                   help="with --volumes: voxel size in mm after resampling (bilinear, MONAI "
+                        "Spacing), or 'native' to keep each volume's own; default 1.5,1.5,2.0")
     p.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial",
                    help="anatomical plane NIfTI volumes are cut along (default axial)")
 

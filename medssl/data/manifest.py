@@ -141,7 +141,7 @@ def _as_id(value: Any) -> str:
 
 
 def read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
-                  check_files: bool, pseudo=None) -> list[ManifestEntry]:
+                  check_files: bool, pseudo=None, folders: bool = False) -> list[ManifestEntry]:
     table = _read_table(recipe, manifest)
     missing = {c: k for c, k in _required_columns(recipe).items() if c not in table.columns}
     if missing:
@@ -195,7 +195,7 @@ def read_entries(recipe: Recipe, manifest: Path, root: Path, split: str | None,
         label, reason = (None, None)
         if recipe.labels is not None:
             label, reason = _label(recipe.labels, rows, i, col)
-        if reason is None and check_files and not path.is_file():
+        if reason is None and check_files and not (path.is_file() or (folders and path.is_dir())):
             reason = "missing_file"
         entries.append(ManifestEntry(path=path, patient_id=patient, label=label, split=row_split,
                                      row=i, slice=slice_index, manifest=manifest,

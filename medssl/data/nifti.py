@@ -115,10 +115,29 @@ def _load_ras(path: Path, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     are read once (raw), widened to float32 and scaled in place (about 6 bytes per voxel
     at the peak, where ``get_fdata`` takes 12); the RAS reorientation is a view.
     """
-    from nibabel.arrayproxy import ArrayProxy
     from nibabel.orientations import apply_orientation, io_orientation
 
-    header = _header(path)
+    volumes, affine = load_scaled(path, _header(path), max_pixels)
+    ornt = io_orientation(affine)
+    # (X, Y, Z, T) -> RAS axes (views: flips and a transpose), then time first.
+    volumes = np.moveaxis(apply_orientation(volumes, ornt), 3, 0)
+    spacing = np.zeros(3)
+    for axis, (target, _flip) in enumerate(ornt):
+        spacing[int(target)] = np.linalg.norm(affine[:3, axis])
+    return volumes, spacing
+
+
+def read_header(path: Path):
+    """The NIfTI header alone (``_header``), for callers that price a volume before reading it
+    (``medssl.data.volumes``); raises Quarantine like the reader."""
+    return _header(Path(path))
+
+
+def load_scaled(path: Path, header, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(voxels [X, Y, Z, T] float32 in the file's scaled units, 4x4 voxel -> RAS mm affine)``,
+    in the file's own axis order; 3-D files get T = 1. Budget checked from ``header`` first."""
+    from nibabel.arrayproxy import ArrayProxy
+
     shape = tuple(int(d) for d in header.get_data_shape())
     if len(shape) not in (3, 4):
         raise Quarantine("unsupported_dimensions",
@@ -142,7 +161,6 @@ def _load_ras(path: Path, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
             if inter is not None and inter != 0.0:
                 volumes += np.float32(inter)
             affine = np.asarray(header.get_best_affine(), dtype=np.float64)
-            ornt = io_orientation(affine)
     except Quarantine:
         raise
     except MemoryError as exc:
@@ -153,12 +171,12 @@ def _load_ras(path: Path, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
         raise Quarantine("unreadable", f"NIfTI load failed ({type(exc).__name__})") from exc
     if volumes.ndim == 3:
         volumes = volumes[..., None]
-    # (X, Y, Z, T) -> RAS axes (views: flips and a transpose), then time first.
-    volumes = np.moveaxis(apply_orientation(volumes, ornt), 3, 0)
-    spacing = np.zeros(3)
-    for axis, (target, _flip) in enumerate(ornt):
-        spacing[int(target)] = np.linalg.norm(affine[:3, axis])
-    return volumes, spacing
+    return volumes, affine
+
+
+def patient_of(path: Path) -> str:
+    """The patient a NIfTI file is taken to belong to (module docstring, "Identity")."""
+    return _patient(Path(path))
 
 
 def read_nifti(path: Path, *, axis: str = "axial",

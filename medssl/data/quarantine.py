@@ -32,6 +32,9 @@ class Quarantine(Exception):
         return (type(self), (self.reason, self.message))
 
 
+_MUTED = logging.CRITICAL + 1
+
+
 @contextmanager
 def muted_loggers(*names: str) -> Iterator[None]:
     """Silence the named library loggers and their children for the duration.
@@ -40,10 +43,13 @@ def muted_loggers(*names: str) -> Iterator[None]:
     WARNING, Pillow prints EXIF/tEXt values at DEBUG); nothing from a file may reach a log.
     Readers hold this only around synchronous library calls, never across a ``yield``.
     """
-    loggers = [logging.getLogger(name) for name in names]
+    # Loggers already muted (by an enclosing call) are left alone: ``setLevel`` clears the
+    # level cache of every logger in the process, and with torch and MONAI imported (thousands
+    # of loggers) that cost 2 ms a call -- a quarter of a volume's read time, measured.
+    loggers = [lg for lg in map(logging.getLogger, names) if lg.level != _MUTED]
     saved = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)  # children left at NOTSET inherit this
+        lg.setLevel(_MUTED)  # children left at NOTSET inherit this
     try:
         yield
     finally:

@@ -200,7 +200,7 @@ class Recipe:
 
     def manifest_entries(
         self, input_dirs: list[Path], check_files: bool = True, include_dropped: bool = False,
-        salt: bytes | None = None,
+        salt: bytes | None = None, folders: bool = False,
     ) -> list[ManifestEntry]:
         """Read the manifest(s) and return one entry per row, in manifest order.
 
@@ -215,7 +215,8 @@ class Recipe:
         ``pseudonym: true`` attributes; without it those attributes are left out (a pseudonym
         needs the salt, and the raw value must never stand in for it).
         A column of ``attributes:`` with more than ``MAX_DISTINCT`` distinct values is refused
-        here, before any shard is written.
+        here, before any shard is written. ``folders`` (``--volumes``): an image path may be a
+        folder (a DICOM series) rather than a file.
         """
         if self.manifest is None:
             raise MedsslError(
@@ -230,7 +231,7 @@ class Recipe:
         for split, rel in self._manifest_files().items():
             path = resolve(base, rel)
             root = resolve(base, self.root) if self.root is not None else path.parent
-            found = read_entries(self, path, root, split, check_files, pseudo)
+            found = read_entries(self, path, root, split, check_files, pseudo, folders)
             if self.masks:
                 read_masks(self, path, root, found)
             entries += found

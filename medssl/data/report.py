@@ -53,9 +53,13 @@ def report_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def report_line(path: str, entry: dict, detail: str | None = None) -> str:
-    """One report line for a journal entry (``journal.Journal.add_input``)."""
+def report_line(path: str, entry: dict, detail: str | None = None,
+                slices: int | None = None) -> str:
+    """One report line for a journal entry (``journal.Journal.add_input``); ``slices``: the
+    number of files of a DICOM series read as one volume (``--volumes``)."""
     line: dict = {"path": path, "outcome": entry["outcome"]}
+    if slices is not None:
+        line["slices"] = slices
     if entry["outcome"] == "written":
         line["samples"] = sum(entry["samples"].values())
         if entry.get("skipped"):

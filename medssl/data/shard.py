@@ -24,6 +24,12 @@ complete, and a re-run with the same arguments is a no-op ("already complete") o
 listed shard is checked to exist with its recorded size and sha256 (a damaged folder is
 refused, naming the shard); with other arguments it is refused rather than mixed.
 
+Volumes. ``--volumes`` runs the same pipeline with one input per volume (a DICOM series or a
+NIfTI file, planned from headers by ``volume_plan``, read by ``volumes``) and one sample per
+volume, ``vol.npy.gz`` in place of ``img.png``; index.json's config records ``volumes: true``
+and the ``spacing``, so a re-run with other settings is refused and readers can tell a volume
+folder from a 2-D one.
+
 Safety. Arguments, splits, the salt and the inputs are all checked before the shard folder is
 created; the folder is then locked (``medssl.lock.FolderLock``) for the whole run, so a second
 ``medssl shard`` into it refuses in one line instead of deleting the first one's temporary
@@ -53,6 +59,7 @@ from medssl.data.journal import (
     check_existing,
     open_journal,
 )
+from medssl.data.readers import identity
 from medssl.data.report import finish, report_line, report_path
 from medssl.data.layout import INDEX_NAME, JOURNAL_NAME
 from medssl.io import sha256_file
@@ -93,7 +100,7 @@ class SplitWriter:
             self.writer = wds.TarWriter(self.file, encoder=False, mtime=0.0, user="medssl",
                                         group="medssl", mode=0o444)
             self.count = 0
-        sample = {"__key__": enc.key, "img.png": enc.png, "json": enc.meta}
+        sample = {"__key__": enc.key, enc.member: enc.png, "json": enc.meta}
         if enc.cls is not None:
             sample["cls"] = enc.cls
         self.writer.write(sample)
@@ -121,8 +128,11 @@ class SplitWriter:
 def _inputs_digest(salt: bytes, items: list[InputItem]) -> str:
     # Salted, so the index can tell "same inputs" apart without revealing any path. Labels and
     # splits are in it too: a re-run after a manifest edit must not pass as "already complete".
+    # A series' slice files too (only when there are: 2-D digests stay what they were), so a
+    # slice added to or removed from an export is another input.
     text = json.dumps([[it.identity, it.patient_id, it.label, it.split, it.slice, it.quarantine]
-                       + ([dict(it.attributes)] if it.attributes else []) for it in items])
+                       + ([dict(it.attributes)] if it.attributes else [])
+                       + ([[identity(f) for f in it.files]] if it.files else []) for it in items])
     return hmac.new(salt, text.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
 
 
@@ -133,6 +143,8 @@ def _collect_inputs(args: argparse.Namespace, salt: bytes | None = None):
         from medssl.data.recipes import load_recipe
 
         recipe = load_recipe(args.recipe)
+    if getattr(args, "volumes", False):
+        return _volume_inputs(args, recipe, salt), recipe
     if recipe is not None and recipe.manifest is not None:
         # include_dropped: rows the label policy drops are reported, not silently skipped
         entries = recipe.manifest_entries(list(args.inputs), include_dropped=True, salt=salt)
@@ -150,6 +162,38 @@ def _collect_inputs(args: argparse.Namespace, salt: bytes | None = None):
     if not items:
         raise MedsslError(f"shard: no input files found under {', '.join(map(str, args.inputs))}")
     return items, recipe
+
+
+def _volume_inputs(args: argparse.Namespace, recipe, salt: bytes | None) -> list[InputItem]:
+    """``--volumes``: one InputItem per DICOM series or NIfTI volume (``volume_plan``), from
+    discovered files or, with a recipe's manifest, one per row (a NIfTI or a series folder)."""
+    from medssl.data import readers, volume_plan
+    from medssl.data.volumes import parse_spacing
+
+    pixdim = parse_spacing(args.spacing)
+    if recipe is not None and recipe.manifest is not None:
+        if recipe.slice_column:
+            raise ConfigError(f"--volumes: recipe {recipe.source or recipe.name} has a "
+                              "slice_column; a volume sample is the whole volume, one label each")
+        entries = recipe.manifest_entries(list(args.inputs), include_dropped=True, salt=salt,
+                                          folders=True)
+        todo = [e for e in entries if not e.quarantine]
+        planned = iter(volume_plan.plan_rows([e.path for e in todo], pixdim, args.max_pixels,
+                                             args.workers))
+        items = []
+        for i, e in enumerate(entries):
+            where = {"path": str(e.path), "quarantine": e.quarantine} if e.quarantine \
+                else next(planned)
+            items.append(InputItem(i, patient_id=str(e.patient_id), label=e.label, split=e.split,
+                                   attributes=tuple(sorted(e.attributes.items())), **where))
+    else:
+        found = readers.discover(list(args.inputs))
+        log.info("volumes: reading the headers of %d files", len(found))
+        items = [InputItem(i, **p) for i, p in
+                 enumerate(volume_plan.plan(found, pixdim, args.max_pixels, args.workers))]
+    if not items:
+        raise MedsslError(f"shard: no input files found under {', '.join(map(str, args.inputs))}")
+    return items
 
 
 def _attributes_config(recipe, header: tuple[str, ...]) -> dict:
@@ -180,6 +224,14 @@ def _validate(args: argparse.Namespace) -> None:
     if args.max_pixels < 1:
         raise ConfigError(f"--max-pixels must be a positive number of pixel values, got "
                           f"{args.max_pixels}")
+    if getattr(args, "volumes", False):
+        from medssl.data.volumes import parse_spacing
+
+        parse_spacing(args.spacing)
+        if getattr(args, "masks_out", None) is not None:
+            raise ConfigError("--masks-out is for 2-D slices; drop it with --volumes")
+    elif getattr(args, "spacing", None) is not None:
+        raise ConfigError("--spacing is the voxel size of --volumes; add --volumes or drop it")
     if not 0.0 <= args.max_bad <= 1.0:
         raise ConfigError(f"--max-bad is a fraction in [0, 1], got {args.max_bad}")
     out = Path(args.out)
@@ -214,6 +266,12 @@ def shard_command(args: argparse.Namespace) -> int:
     }
     if attributes:  # only then: folders made without attributes keep their config
         config["attributes"] = attributes
+    if getattr(args, "volumes", False):  # only then, likewise; readers tell a volume folder by it
+        from medssl.data.volumes import parse_spacing
+
+        pixdim = parse_spacing(args.spacing)
+        config["volumes"] = True
+        config["spacing"] = list(pixdim) if pixdim is not None else "native"
     marker = None
     if masks is not None:
         from medssl.data.masks import check_masks_out, masks_marker
@@ -250,11 +308,13 @@ def _masks_plan(args: argparse.Namespace, recipe, items: list[InputItem]) -> lis
 def _job(args: argparse.Namespace, salt: bytes, fractions: dict, config: dict) -> Job:
     """What every worker needs to read an input the way this folder's config says."""
     recorded = config.get("attributes") or {}
+    spacing = config.get("spacing")
     return Job(salt=salt, fractions=fractions, axis=args.axis,
                allow_burned_in=bool(args.allow_burned_in), max_side=args.max_side,
                max_pixels=args.max_pixels,
                header_attributes=tuple(n for n, v in recorded.items() if v.get("from") == "header"),
-               recorded=tuple(recorded))
+               recorded=tuple(recorded), volumes=bool(config.get("volumes")),
+               spacing=tuple(spacing) if isinstance(spacing, list) else None)
 
 
 def _mask_writer(args: argparse.Namespace, marker: bytes, items: list[InputItem], job: Job,
@@ -295,7 +355,8 @@ def _run(args: argparse.Namespace, out: Path, report: Path, config: dict,
     masks = None if marker is None else _mask_writer(args, marker, items, job, restart)
     with open(report, "w", encoding="utf-8") as rep:
         for entry in journal.entries:  # inputs finished before an interruption
-            rep.write(report_line(items[entry["input"]].path, entry))
+            item = items[entry["input"]]
+            rep.write(report_line(item.path, entry, slices=len(item.files) or None))
         bar = tqdm(total=len(items), initial=restart, unit="file", desc="shard", disable=None)
         for result in iter_results(items[restart:], job, args.workers):
             for enc in result.samples:
@@ -303,7 +364,9 @@ def _run(args: argparse.Namespace, out: Path, report: Path, config: dict,
             if masks is not None:
                 masks.add_result(result)
             entry = journal.add_input(result)
-            rep.write(report_line(items[result.index].path, entry, result.detail))
+            item = items[result.index]
+            rep.write(report_line(item.path, entry, result.detail,
+                                  slices=len(item.files) or None))
             rep.flush()
             if result.outcome == "quarantined":
                 # Input number, not path: paths can carry patient names and logs travel.

@@ -58,6 +58,10 @@ LABEL_COLUMNS = ("path", "patient_id", "slice", "nodule", "effusion", "finding",
 #: Columns an earlier synth corpus may hold instead (a re-run still replaces it).
 _LEGACY_HEADERS = ("path,patient_id,slice,nodule,effusion,finding",)
 MASKS_FOLDER = "masks"
+#: ``--volumes`` corpora (``synth_volumes``) hold this instead of labels.csv: one row per series.
+VOLUMES_CSV = "volumes.csv"
+VOLUME_COLUMNS = ("path", "patient_id", "nodule", "effusion", "finding", "any_finding",
+                  "sex", "age", "site")
 #: finding = nodule + 2 * effusion
 FINDING_NAMES = ("none", "nodule", "effusion", "both")
 
@@ -334,9 +338,11 @@ def _clear_previous(out: Path) -> None:
     entries = list(out.iterdir())
     if not entries:
         return
-    labels = out / "labels.csv"
-    header = labels.read_text().split("\n", 1)[0] if labels.is_file() else ""
-    if header not in (",".join(LABEL_COLUMNS), *_LEGACY_HEADERS):
+    known = {"labels.csv": (",".join(LABEL_COLUMNS), *_LEGACY_HEADERS),
+             VOLUMES_CSV: (",".join(VOLUME_COLUMNS),)}  # a 2-D or a --volumes corpus
+    found = [out / name for name, headers in known.items() if (out / name).is_file()
+             and (out / name).read_text().split("\n", 1)[0] in headers]
+    if not found:
         raise MedsslError(
             f"synth: {out} is not empty and holds no previous synth corpus; choose a new OUT"
         )
@@ -344,7 +350,8 @@ def _clear_previous(out: Path) -> None:
     for entry in entries:
         if entry.is_dir() and (entry.name.startswith("PAT-") or entry.name == MASKS_FOLDER):
             shutil.rmtree(entry)
-    labels.unlink()
+    for labels in found:
+        labels.unlink()
 
 
 __all__ = [

@@ -4,7 +4,9 @@ A shard folder is copied to clusters and shared, so before training on it (or pu
 model card that cites it) this recomputes what the writer promised: every listed shard exists
 with its recorded size (``bytes``, absent from indexes older than that field) and hashes to
 its recorded sha256, holds the recorded number of samples and only its own split,
-carries only allowed members (``img.png``, ``json``, ``cls``) with allow-listed metadata (and
+carries only allowed members (``img.png``, ``json``, ``cls``; ``vol.npy.gz`` instead of
+``img.png`` in a ``--volumes`` folder, each one decoded and its ``spacing`` checked) with
+allow-listed metadata (and
 ``attributes`` holding only known names with short categorical values, ages as bands), no
 unlisted shard lies beside them, per-split counts add up, and no patient is in two splits.
 
@@ -21,19 +23,21 @@ from collections import Counter
 from pathlib import Path
 
 from medssl.data.attributes import attribute_problems
-from medssl.data.sample import SAMPLE_META_KEYS
+from medssl.data.sample import SAMPLE_META_KEYS, VOLUME_MEMBER, decode_volume
 from medssl.data.shards import read_index
 from medssl.io import sha256_file
 
 log = logging.getLogger(__name__)
 
-ALLOWED_MEMBERS = ("img.png", "json", "cls")
+ALLOWED_MEMBERS = ("img.png", "json", "cls", VOLUME_MEMBER)
 
 
 def _check_shard(path: Path, split: str, patients: dict[str, dict[str, str]],
-                 keys: set[str]) -> tuple[int, list[str]]:
-    """(sample count, problems) of one shard; records its patients per split in ``patients``."""
+                 keys: set[str], volumes: bool = False) -> tuple[int, list[str]]:
+    """(sample count, problems) of one shard; records its patients per split in ``patients``.
+    ``volumes``: the folder's index says ``--volumes``, so samples hold ``vol.npy.gz``."""
     name = path.name
+    image, other = (VOLUME_MEMBER, "img.png") if volumes else ("img.png", VOLUME_MEMBER)
     problems: list[str] = []
     samples: dict[str, set[str]] = {}
     order: list[str] = []
@@ -44,9 +48,10 @@ def _check_shard(path: Path, split: str, patients: dict[str, dict[str, str]],
                     problems.append(f"{name}: member {member.name!r} is not a regular file")
                     continue
                 key, _, ext = member.name.partition(".")
-                if ext not in ALLOWED_MEMBERS or "/" in member.name:
+                if ext not in ALLOWED_MEMBERS or ext == other or "/" in member.name:
+                    allowed = [m for m in ALLOWED_MEMBERS if m != other]
                     problems.append(f"{name}: member {member.name!r} is not one of "
-                                    f"{', '.join(ALLOWED_MEMBERS)}")
+                                    f"{', '.join(allowed)}")
                     continue
                 if key not in samples:
                     samples[key] = set()
@@ -54,11 +59,17 @@ def _check_shard(path: Path, split: str, patients: dict[str, dict[str, str]],
                 samples[key].add(ext)
                 if ext == "json":
                     problems += _check_meta(name, key, tar.extractfile(member).read(), split,
-                                            patients)
+                                            patients, volumes)
+                elif ext == VOLUME_MEMBER:
+                    try:  # gunzip + .npy header, never unpickling: the loader's own decode
+                        decode_volume(tar.extractfile(member).read())
+                    except Exception as exc:
+                        problems.append(f"{name}: sample {key} {VOLUME_MEMBER} does not decode "
+                                        f"({type(exc).__name__})")
     except (tarfile.TarError, OSError, EOFError) as exc:
         return len(order), [*problems, f"{name}: unreadable tar ({type(exc).__name__}: {exc})"]
     for key in order:
-        missing = {"img.png", "json"} - samples[key]
+        missing = {image, "json"} - samples[key]
         if missing:
             problems.append(f"{name}: sample {key} lacks {', '.join(sorted(missing))}")
         if key in keys:
@@ -68,7 +79,7 @@ def _check_shard(path: Path, split: str, patients: dict[str, dict[str, str]],
 
 
 def _check_meta(name: str, key: str, raw: bytes, split: str,
-                patients: dict[str, dict[str, str]]) -> list[str]:
+                patients: dict[str, dict[str, str]], volumes: bool = False) -> list[str]:
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -81,6 +92,11 @@ def _check_meta(name: str, key: str, raw: bytes, split: str,
         problems.append(f"{name}: sample {key} json has keys outside the allow-list: {extra}")
     if "attributes" in meta:
         problems += [f"{name}: sample {key} json {p}" for p in attribute_problems(meta["attributes"])]
+    if volumes:
+        spacing = meta.get("spacing")
+        if not (isinstance(spacing, list) and len(spacing) == 3
+                and all(isinstance(v, (int, float)) and v > 0 for v in spacing)):
+            problems.append(f"{name}: sample {key} json has no spacing of three positive mm")
     patient = meta.get("patient")
     if not isinstance(patient, str) or not patient:
         problems.append(f"{name}: sample {key} json has no patient pseudonym")
@@ -101,6 +117,7 @@ def verify_shards(directory: Path) -> list[str]:
     patients: dict[str, dict[str, str]] = {}   # patient -> split -> first shard seen in
     keys: set[str] = set()
     per_split: Counter = Counter()
+    volumes = bool((index.get("config") or {}).get("volumes"))
     for name in sorted(listed):
         info = listed[name]
         split = info.get("split")
@@ -115,7 +132,7 @@ def verify_shards(directory: Path) -> list[str]:
             problems.append(f"{name}: {path.stat().st_size} bytes, index.json says {size}")
         if sha256_file(path) != info.get("sha256"):
             problems.append(f"{name}: sha256 differs from index.json (file changed or corrupt)")
-        count, shard_problems = _check_shard(path, split, patients, keys)
+        count, shard_problems = _check_shard(path, split, patients, keys, volumes)
         problems += shard_problems
         if count != info.get("samples"):
             problems.append(f"{name}: holds {count} samples, index.json says {info.get('samples')}")

@@ -11,7 +11,9 @@ WebDataset for the tar writer. A forked worker starts with the parent's ~500 MB 
 and drifts towards a private copy of it as reference counts touch the shared pages; a
 spawned one starts near 60 MB, so ``--max-pixels`` is what its peak depends on. The price is
 about half a second per run to start the workers (benchmarks/ingest.py: 400 CT slices on two
-workers, 3.4 s against 2.9 s forked; the same CPU per slice).
+workers, 3.4 s against 2.9 s forked; the same CPU per slice). A ``--volumes`` worker imports
+torch and MONAI as well, for the resampling (``volumes``: ~0.9 GB resident, ~5 s to import),
+and holds one volume at a time: its window is one task per worker.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ DEFAULT_WINDOWS = {"CT": (40.0, 400.0)}
 _FILES_PER_TASK = 4       # amortises inter-process overhead for one-slice DICOM files
 _TASKS_PER_WORKER = 2     # in-flight tasks per worker: keeps workers busy, bounds memory
 _VOLUME_SUFFIXES = (".nii", ".nii.gz")  # hundreds of slices each: one file per task
+#: Reasons of the volume reader whose message is ours (numbers, no header text): reported.
+_VOLUME_DETAILS = ("multiframe", "not_grayscale", "mixed_dimensions", "empty_volume")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class InputItem:
     mask: str | None = None         # recipe masks: its mask file, '' none; None: not asked
     quarantine: str | None = None   # known before reading: a recipe row, a discovery problem
     attributes: tuple[tuple[str, str], ...] = ()   # recipe columns, coarsened (name, value)
+    files: tuple[str, ...] = ()     # --volumes: a DICOM series' slice files, sorted along z
+    geometry: tuple[float, ...] = ()  # --volumes: that series' 4x4 voxel -> LPS mm affine
+    detail: str | None = None       # why ``quarantine`` (our words and numbers): report only
 
     @property
     def identity(self) -> str:
@@ -73,6 +80,8 @@ class Job:
     max_pixels: int
     header_attributes: tuple[str, ...] = ()   # read from DICOM headers (attributes module)
     recorded: tuple[str, ...] = ()            # every attribute the run records (for counts)
+    volumes: bool = False                     # --volumes: one sample per volume (volumes.py)
+    spacing: tuple[float, float, float] | None = None   # --spacing, mm; None: native
 
 
 @dataclass
@@ -80,13 +89,14 @@ class Encoded:
     """One sample, ready for the tar: member bytes plus routing information."""
 
     key: str
-    png: bytes
+    png: bytes                      # the image member's bytes (``member``), PNG or vol.npy.gz
     meta: bytes
     cls: bytes | None
     split: str
     patient: str
     mask: np.ndarray | None = None  # bool [H, W] finding mask (--masks-out); never in a shard
     attributes: dict[str, str | None] = field(default_factory=dict)  # recorded name -> value
+    member: str = "img.png"         # sample.VOLUME_MEMBER for a volume
 
 
 @dataclass
@@ -137,7 +147,7 @@ def encode_slice(sl: sample_mod.Slice, pseudo, item: InputItem, slice_no: int, j
         sl.label = item.label
     if job.recorded:
         _set_attributes(sl, item, job, pseudo)
-    if sl.pixels.ndim == 2:
+    if sl.pixels.ndim == 2 or sl.is_volume:
         stored, offset, slope = sample_mod.encode_intensity(sl.pixels)
         intensity = {"offset": offset, "slope": slope}
         if sl.window is None:
@@ -154,12 +164,15 @@ def encode_slice(sl: sample_mod.Slice, pseudo, item: InputItem, slice_no: int, j
     label = meta.get("label")
     cls = str(label).encode("ascii") if isinstance(label, int) else None
     key = pseudo.sample_key(patient, item.identity, slice_no)
-    png = sample_mod.encode_png(stored)
+    if sl.is_volume:
+        png, member = sample_mod.encode_volume(stored), sample_mod.VOLUME_MEMBER
+    else:
+        png, member = sample_mod.encode_png(stored), "img.png"
     stored_attrs = meta.get("attributes") or {}
     counted = {n: meta.get("view") if n == "view" else stored_attrs.get(n) for n in job.recorded}
     return Encoded(key=key, png=png,
                    meta=json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
-                   cls=cls, split=split, patient=patient, attributes=counted)
+                   cls=cls, split=split, patient=patient, attributes=counted, member=member)
 
 
 def _set_attributes(sl: sample_mod.Slice, item: InputItem, job: Job, pseudo) -> None:
@@ -186,7 +199,7 @@ def process_input(item: InputItem, job: Job) -> InputResult:
     """Read one file to samples; a file is written whole or quarantined whole, except that
     a slice with no finite value is skipped (and reported) instead of losing the file."""
     if item.quarantine:
-        return InputResult(item.index, "quarantined", reason=item.quarantine)
+        return InputResult(item.index, "quarantined", reason=item.quarantine, detail=item.detail)
     # Numeric edge cases in a scan (NaN, overflow in a header's scale) must not print
     # numpy warnings: outcomes are judged and reported per file, never on stderr.
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -202,9 +215,14 @@ def _process(item: InputItem, job: Job) -> InputResult:
     skipped: dict[str, list[int]] = {}
     modality = None
     try:
-        slices = readers.read_slices(Path(item.path), axis=job.axis,
-                                     allow_burned_in=job.allow_burned_in, max_side=job.max_side,
-                                     max_pixels=job.max_pixels)
+        if job.volumes:
+            from medssl.data.volumes import read_volumes
+
+            slices = read_volumes(item, job)
+        else:
+            slices = readers.read_slices(Path(item.path), axis=job.axis,
+                                         allow_burned_in=job.allow_burned_in,
+                                         max_side=job.max_side, max_pixels=job.max_pixels)
         for slice_no, sl in enumerate(slices):
             if item.slice is not None and slice_no != item.slice:
                 if slice_no > item.slice:
@@ -224,6 +242,8 @@ def _process(item: InputItem, job: Job) -> InputResult:
         # too_large says what the header claimed (numbers only), to help choose --max-pixels;
         # bad_mask what is wrong with the mask (our words and sizes).
         detail = exc.message if exc.reason in ("too_large", "bad_mask") else None
+        if job.volumes and exc.reason in _VOLUME_DETAILS:
+            detail = exc.message
         return InputResult(item.index, "quarantined", reason=str(exc.reason), detail=detail)
     except MedsslError:
         raise
@@ -246,11 +266,11 @@ def _process_chunk(items: list[InputItem], job: Job) -> list[InputResult]:
     return [process_input(item, job) for item in items]
 
 
-def _chunks(items: list[InputItem]) -> Iterator[list[InputItem]]:
+def _chunks(items: list[InputItem], volumes: bool = False) -> Iterator[list[InputItem]]:
     """Consecutive runs of up to ``_FILES_PER_TASK`` files; a volume always travels alone."""
     chunk: list[InputItem] = []
     for item in items:
-        volume = item.path.lower().endswith(_VOLUME_SUFFIXES)
+        volume = volumes or item.path.lower().endswith(_VOLUME_SUFFIXES)
         if chunk and (volume or len(chunk) >= _FILES_PER_TASK):
             yield chunk
             chunk = []
@@ -263,12 +283,14 @@ def _chunks(items: list[InputItem]) -> Iterator[list[InputItem]]:
 
 
 def iter_results(items: list[InputItem], job: Job, workers: int) -> Iterator[InputResult]:
-    """Results in input order, with at most ``workers * _TASKS_PER_WORKER`` tasks in flight.
+    """Results in input order, with at most ``workers * _TASKS_PER_WORKER`` tasks in flight
+    (``workers`` for ``--volumes``: one volume per worker, the memory bound the issue asks).
 
     Memory is bounded by that window (a few files' encoded samples per worker), not by the
     corpus: results are consumed first-in first-out, so a slow parent stalls submission.
     """
-    chunks = _chunks(items)
+    chunks = _chunks(items, job.volumes)
+    window = workers * (1 if job.volumes else _TASKS_PER_WORKER)
     if workers <= 1:
         for chunk in chunks:
             yield from _process_chunk(chunk, job)
@@ -279,7 +301,7 @@ def iter_results(items: list[InputItem], job: Job, workers: int) -> Iterator[Inp
         try:
             for chunk in chunks:
                 pending.append((chunk[0].index, pool.submit(_process_chunk, chunk, job)))
-                if len(pending) >= workers * _TASKS_PER_WORKER:
+                if len(pending) >= window:
                     yield from _result(*pending.popleft())
             while pending:
                 yield from _result(*pending.popleft())

@@ -218,11 +218,16 @@ def test_sample_metadata_allow_list_and_types():
         attributes={"sex": "F", "age": "40-59"}, extra={"secret": CANARY},
     )
     meta = sample_metadata(s, pseudo, {"offset": np.float64(-1024), "slope": 1})
-    assert set(meta) == set(SAMPLE_META_KEYS)
+    assert set(meta) == set(SAMPLE_META_KEYS) - {"spacing"}  # spacing: volumes only
     assert json.loads(json.dumps(meta)) == meta  # plain JSON types only
     assert meta["pixel_spacing"] == [0.5, 0.25] and meta["slice_index"] == 7
     assert meta["intensity"] == {"offset": -1024.0, "slope": 1.0, "unit": "HU"}
     assert meta["window"] == {"center": 40.0, "width": 400.0} and meta["label"] == [0, 1, 1]
+    s.pixels, s.spacing = np.zeros((4, 4, 2), np.int16), (np.float32(1.5), 1.5, 2)
+    assert sample_metadata(s, pseudo, None)["spacing"] == [1.5, 1.5, 2.0]
+    s.spacing = (1.5, 0.0, 2.0)
+    with pytest.raises(ValueError, match="spacing"):
+        sample_metadata(s, pseudo, None)
     assert meta["channels"] == 1 and type(meta["slice_index"]) is int
     assert meta["attributes"] == {"age": "40-59", "sex": "F"}
     _assert_clean(json.dumps(meta))
