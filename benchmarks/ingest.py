@@ -61,9 +61,12 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
     return sum(pss), max(rss, default=0)
 
 
-def run_shard(corpus: Path, out: Path, salt: Path, workers: int) -> dict:
+def run_shard(corpus: Path, out: Path, salt: Path, workers: int, *extra: str) -> dict:
+    """One ``medssl shard`` in a child process: its wall and CPU time, the peak memory of its
+    process tree (sampled every 50 ms), and counts from its index.json. ``extra``: more
+    ``medssl shard`` arguments (benchmarks/ingest_volumes.py passes ``--volumes``)."""
     cmd = [sys.executable, __file__, "--child", str(corpus), "--out", str(out), "--workers",
-           str(workers), "--salt-file", str(salt), "--shard-size", "1000"]
+           str(workers), "--salt-file", str(salt), "--shard-size", "1000", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     ps = psutil.Process(proc.pid)
     peak_sum = peak_max = 0
@@ -82,6 +85,7 @@ def run_shard(corpus: Path, out: Path, salt: Path, workers: int) -> dict:
     index = json.loads((out / "index.json").read_text())
     result.update(
         files=index["inputs"]["seen"],
+        quarantined=index["inputs"]["quarantined"],
         slices=sum(s["samples"] for s in index["splits"].values()),
         peak_pss_tree_mb=peak_sum / 2**20,
         peak_rss_largest_mb=peak_max / 2**20,

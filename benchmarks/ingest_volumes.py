@@ -19,43 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ingest import _tree_memory  # the same tree-memory sampling as 2-D
-
-INGEST = Path(__file__).resolve().parent / "ingest.py"
+from ingest import run_shard as run_shard_2d  # the same child process and memory sampling
 
 
 def run_shard(corpus: Path, out: Path, salt: Path, workers: int, spacing: str) -> dict:
-    cmd = [sys.executable, str(INGEST), "--child", str(corpus), "--out", str(out), "--volumes",
-           "--spacing", spacing, "--workers", str(workers), "--salt-file", str(salt)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    ps = psutil.Process(proc.pid)
-    peak_sum = peak_max = 0
-    while proc.poll() is None:
-        try:
-            total, largest = _tree_memory(ps)
-        except psutil.Error:
-            break
-        peak_sum, peak_max = max(peak_sum, total), max(peak_max, largest)
-        time.sleep(0.05)
-    stdout = proc.communicate()[0]
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"shard run failed (exit {proc.returncode}): {' '.join(cmd)}")
-    result = json.loads(lines[-1][len("RESULT "):])
-    index = json.loads((out / "index.json").read_text())
-    result.update(volumes=sum(s["samples"] for s in index["splits"].values()),
-                  quarantined=index["inputs"]["quarantined"],
-                  peak_pss_tree_mb=peak_sum / 2**20, peak_rss_largest_mb=peak_max / 2**20,
-                  shard_mb=sum(p.stat().st_size for p in out.glob("*.tar")) / 2**20)
+    """benchmarks/ingest.py's measured run with ``--volumes``; ``volumes``: samples written."""
+    result = run_shard_2d(corpus, out, salt, workers, "--volumes", "--spacing", spacing)
+    result["volumes"] = result.pop("slices")   # one sample per volume
     return result
 
 

@@ -8,13 +8,10 @@ are 2-D only for now: both are refused here in one line rather than skipped mid-
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from medssl.errors import ConfigError
 from medssl.volume_models import is_volume_arch, net_kwargs
-
-if TYPE_CHECKING:
-    from finetune.config import FinetuneRunConfig
 
 #: The six 3-D MedMNIST datasets (28 and 64 voxels a side; medmnist.INFO holds the rest).
 MEDMNIST_3D = ("organmnist3d", "nodulemnist3d", "adrenalmnist3d", "fracturemnist3d",
@@ -25,8 +22,11 @@ MEDMNIST_3D_SIZES = (28, 64)
 MAX_CUBE = 160
 
 
-def check_volume_config(cfg: FinetuneRunConfig) -> None:
-    """Refuse a config that mixes 2-D and 3-D, or asks 3-D for what it cannot do."""
+def check_volume_config(cfg: Any) -> None:
+    """Refuse a config that mixes 2-D and 3-D, or asks 3-D for what it cannot do.
+
+    ``cfg`` is a ``finetune.config.FinetuneRunConfig`` (not imported: that module calls this
+    one from its validation, and a circle would make the two one concept)."""
     volume = is_volume_arch(cfg.model.arch)
     arch = cfg.model.arch
     for task in cfg.tasks:

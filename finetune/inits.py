@@ -20,12 +20,14 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from torch import nn
 
 from medssl.errors import MedsslError
 from medssl.init import Init
+from medssl.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,18 @@ def fingerprint(init: Init, imagenet_weights: str | None) -> str:
     if init.kind == "imagenet":
         return f"imagenet:{Path(imagenet_weights).name if imagenet_weights else 'auto'}"
     if init.is_monai_ssl:
-        from finetune.inits3d import monai_ssl_fingerprint
-
-        return monai_ssl_fingerprint(init)
+        path = Path(init.path)
+        if not path.is_file():
+            raise MedsslError(f"inits: {init}: file not found (MONAI's model_swinvit.pt, downloaded by hand)")
+        stat = path.stat()
+        return "monai-ssl:" + _file_digest(str(path), stat.st_size, stat.st_mtime)[:16]
     return init.kind
+
+
+@lru_cache(maxsize=8)
+def _file_digest(path: str, size: int, mtime: float) -> str:
+    # Cell keys are asked for once per cell: hash a weights file once per (size, mtime).
+    return sha256_file(path)
 
 
 def load_init(init: Init, arch: str, data_channels: int, in_chans: int | None,

@@ -14,11 +14,8 @@ side. Each init's input recipe:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from finetune.inits import InitSource
@@ -119,21 +116,3 @@ def load_volume_init(init: Init, suite: VolumeSuite, data_channels: int,
     make()   # fail here, once, on weights that do not load
     return InitSource(init=init, label=init.label, in_chans=chans, mean=tuple(mean), std=tuple(std),
                       window=window, make=make, input_size=cube, spatial_dims=3)  # type: ignore[arg-type]
-
-
-@lru_cache(maxsize=8)
-def _file_digest(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def monai_ssl_fingerprint(init: Init) -> str:
-    """``monai-ssl:<sha256[:16]>`` of the weights file (cell keys follow the content)."""
-    path = Path(init.path)
-    if not path.is_file():
-        raise MedsslError(f"inits: {init}: file not found (MONAI's model_swinvit.pt, downloaded by hand)")
-    stat = path.stat()
-    return "monai-ssl:" + _file_digest(str(path), stat.st_size, stat.st_mtime)[:16]

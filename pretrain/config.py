@@ -35,7 +35,7 @@ class DataConfig:
     # data but can cut anatomy; pad keeps all of it at a coarser scale. Voxels stay as sharded
     # (RAS, --spacing), so the cube is isotropic when the spacing is.
     volume_size: int = 112
-    volume_fit: Literal["crop", "pad"] = "crop"
+    volume_fit: Literal["crop", "pad"] = "crop"   # volumes: cube of the shortest side, or padded to the longest
     shuffle_buffer: int = 1000     # samples held per worker for shuffling
     shuffle_initial: int = 100     # samples buffered before the first is emitted
     prefetch_factor: int = 4       # batches prefetched per worker

@@ -1,4 +1,4 @@
-"""``medssl publish RUN_DIR --out DIR``: timm-loadable weights and a model card."""
+"""``medssl publish RUN_DIR --out DIR``: timm-loadable (2-D) or MONAI-loadable (3-D) weights and a model card."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 NAME = "publish"
-HELP = "turn a pretraining run dir into timm-loadable weights and a model card"
+HELP = "turn a pretraining run dir into timm-loadable (2-D) or MONAI-loadable (3-D) weights and a model card"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
