@@ -208,3 +208,18 @@ def test_leakage_command_exit_status_and_one_result_line(tmp_path, capsys):
                  "--out", str(tmp_path / "r2")]) == 0
     assert main(["leakage", str(pdir), str(clean), "--splits", "val,test2",
                  "--out", str(tmp_path / "r3")]) == 2
+
+
+def test_volume_shards_are_refused_by_the_2d_image_check(tmp_path):
+    """No 3-D hash is calibrated: a volume folder is refused in one line, before any reading."""
+    from medssl.errors import MedsslError
+    from medssl.leakage.scan import hash_folder
+
+    folder = tmp_path / "volumes"
+    folder.mkdir()
+    (folder / "index.json").write_text(json.dumps({
+        "format": FORMAT, "shards": {"train-000000.tar": {"split": "train", "samples": 1}},
+        "config": {"volumes": True, "spacing": [1.5, 1.5, 2.0]}}))
+    with pytest.raises(MedsslError, match="near-duplicate image check is 2-D only") as err:
+        hash_folder(folder)
+    assert "\n" not in str(err.value)

@@ -61,8 +61,16 @@ class HashedSet:
 def hash_folder(folder: Path | str, bits: int = DEFAULT_BITS, splits: list[str] | None = None,
                 encoder: Encoder | None = None, embed_size: int = 64, batch_size: int = 256,
                 desc: str = "hash") -> HashedSet:
-    """Hash every sample of a shard folder (all splits, or only ``splits``)."""
+    """Hash every sample of a shard folder (all splits, or only ``splits``).
+
+    Volume folders are refused: the perceptual hash is of one 2-D view, and no 3-D hash is
+    calibrated (benchmarks/leakage.py measures slices). A 3-D benchmark still gets the
+    patient-level guard (finetune/leakage_guard.py), which needs no image comparison.
+    """
     index = read_index(folder)
+    if (index.get("config") or {}).get("volumes"):
+        raise MedsslError(f"{folder}: volume shards; the near-duplicate image check is 2-D only "
+                          "(the pretraining-patient check still runs): drop leakage_check for 3-D")
     present = sorted({info.get("split") for info in index["shards"].values()})
     wanted = present if splits is None else list(splits)
     missing = [s for s in wanted if s not in present]
