@@ -162,3 +162,28 @@ def test_monai_ssl_backbone_fine_tunes_its_encoder_only(tmp_path):
     grads = {n: p.grad for n, p in backbone.net.named_parameters()}
     assert all(g is not None for n, g in grads.items() if n.startswith("swinViT.") and "cross_attn" not in n)
     assert all(g is None for n, g in grads.items() if not n.startswith("swinViT."))
+
+
+@pytest.mark.parametrize("arch, kwargs, side", [
+    ("monai:ResNet", RESNET, 16),
+    ("monai:DenseNet", {"init_features": 8, "growth_rate": 4, "block_config": [1, 1]}, 16),
+    ("monai:SwinUNETR", SWIN, 32),
+    ("monai:ViT", {"img_size": 16, "patch_size": 8, "hidden_size": 24, "mlp_dim": 48,
+                   "num_layers": 1, "num_heads": 2}, 16),
+    ("monai:MaskedAutoEncoderViT", {"img_size": 16, "patch_size": 8, "hidden_size": 24,
+                                    "mlp_dim": 48, "num_layers": 1, "num_heads": 2,
+                                    "decoder_hidden_size": 12, "decoder_num_heads": 2}, 16),
+])
+def test_every_volume_net_gives_pooled_features_and_trains_exactly_its_feature_path(arch, kwargs, side):
+    """[B, C, X, Y, Z] -> [B, num_features]; every trainable parameter gets a gradient (DDP would
+    hang on one that never does), and the MONAI net's own state dict is what is published."""
+    from monai.networks import nets
+
+    backbone = create_volume_backbone(arch, 1, kwargs)
+    features = backbone(torch.randn(2, 1, side, side, side))
+    assert features.shape == (2, backbone.num_features)
+    features.square().sum().backward()
+    trainable = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
+    plain = getattr(nets, backbone.net_name)(**backbone.net_kwargs)
+    plain.load_state_dict(backbone.net_state_dict())   # strict: the MONAI keys, nothing else
