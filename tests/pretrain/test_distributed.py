@@ -26,7 +26,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("method", ["simclr", "mae", "dino", "micle", "simclr3d", "mae3d"])
+# 3-D: SimCLR (negatives gathered across ranks, BatchNorm, the 3-D augmentation); MAE 3-D's
+# update is the 2-D one on another module, and its 26 s went to the suite's 15-minute budget.
+@pytest.mark.parametrize("method", ["simclr", "mae", "dino", "micle", "simclr3d"])
 def test_two_ranks_stay_in_sync_and_resume_in_one(request: pytest.FixtureRequest, tmp_path: Path, cli_env: dict,
                                                   method: str):
     out = tmp_path / "run"

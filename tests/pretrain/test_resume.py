@@ -44,15 +44,17 @@ def _last_step(out: Path) -> int:
 
 #: Every method the resume must hold for (SimCLR is debug.yaml's own): DINO's EMA teacher,
 #: centre and schedule step must come back from the checkpoint too.
-#: Volumes (configs/debug_volumes.yaml, volume shards): the 3-D augmentation's generator, and
-#: MONAI's MAE masking, which draws from the global CPU RNG the trainer reseeds every step.
+#: Volumes (configs/debug_volumes.yaml, volume shards): MAE 3-D covers the 3-D augmentation's
+#: generator and MONAI's masking, which draws from the global CPU RNG the trainer reseeds every
+#: step (the volume loader's skip is the 2-D one, covered with 2 workers above; a SimCLR 3-D
+#: case took 37 s of a suite that must stay under 15 minutes).
 METHODS = {"simclr": [], "mae": TINY_MAE, "dino": TINY_DINO, "micle": ["data.positives=same_patient"],
            "simclr3d": [], "mae3d": TINY_MAE3D}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers, method", [(0, "simclr"), (2, "simclr"), (0, "mae"), (0, "dino"), (2, "micle"),
-                                             (2, "simclr3d"), (0, "mae3d")])
+                                             (0, "mae3d")])
 def test_signal_then_resume_is_bitwise_equal(request: pytest.FixtureRequest, tmp_path: Path, cli_env: dict,
                                              workers: int, method: str):
     volumes = method.endswith("3d")
