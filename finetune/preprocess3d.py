@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.inits import InitSource
+from finetune.preprocess import Preprocessor
 from finetune.tasks import Split
-from medssl.sample import window_to_unit
 
 
 class VolumePreprocessor:
@@ -46,13 +46,5 @@ class VolumePreprocessor:
             return batch
         return F.interpolate(batch, size=self.cube, mode="trilinear", align_corners=False)
 
-    def _unit(self, split: Split, i: int) -> torch.Tensor:
-        """Volume ``i`` as float32 ``[1, C, X, Y, Z]`` in [0, 1]."""
-        vol = split.images[i]
-        if vol.dtype == np.uint8:
-            return torch.from_numpy(vol.astype(np.float32) / 255.0)[None]
-        offset, slope = split.intensity[i] if split.intensity else (0.0, 1.0)
-        values = torch.from_numpy(vol.astype(np.float32) * np.float32(slope) + np.float32(offset))[None]
-        window = (split.windows[i] if split.windows else None) or self.source.window
-        center, width = window if window is not None else (float("nan"), float("nan"))
-        return window_to_unit(values, torch.tensor([center]), torch.tensor([width]))
+    # Volume ``i`` as float32 ``[1, C, X, Y, Z]`` in [0, 1]: the 2-D rule, unchanged.
+    _unit = Preprocessor._unit

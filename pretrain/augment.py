@@ -189,6 +189,12 @@ class GpuAugment:
     crops come from each image.
     """
 
+    # The geometry and the blur are what differ in 3-D (pretrain/augment3d.py overrides these);
+    # the window, intensity, noise and normalisation steps are shared.
+    crop = staticmethod(crop_flip_rotate)
+    blur = staticmethod(gaussian_blur)
+    memory_format = torch.channels_last
+
     def __init__(self, cfg: AugmentConfig, n_views: int, channels_last: bool = False):
         self.cfg = cfg
         self.n_views = n_views
@@ -204,13 +210,13 @@ class GpuAugment:
     def _view(self, src: dict[str, torch.Tensor], size: int, cfg: AugmentConfig,
               g: torch.Generator) -> torch.Tensor:
         x = window_to_unit(src["image"], src["offset"], src["slope"], src["center"], src["width"], cfg, g)
-        x = crop_flip_rotate(x, size, cfg, g)
+        x = self.crop(x, size, cfg, g)
         x = intensity(x, cfg, g)
-        x = gaussian_blur(x, cfg, g)
+        x = self.blur(x, cfg, g)
         x = gaussian_noise(x, cfg, g)
         x = (x.clamp_(0, 1) - cfg.mean) / cfg.std
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self.memory_format)
         return x
 
     def record(self) -> dict[str, object]:

@@ -31,10 +31,7 @@ from pretrain.augment import (
     _coin,
     _uniform,
     blur_kernels,
-    gaussian_noise,
-    intensity,
     view_source,
-    window_to_unit,
 )
 from pretrain.config import AugmentConfig
 
@@ -121,20 +118,13 @@ class VolumeAugment(GpuAugment):
     ``[B, C, L, L, L]`` (no multi-crop). With same-patient pairs, odd views come from the
     partner volume (``view_source``), as in 2-D."""
 
-    def __call__(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
-        return [self._view3d(view_source(batch, v), g) for v in range(self.n_views)]
+    crop = staticmethod(crop_flip_rotate_3d)
+    blur = staticmethod(gaussian_blur_3d)
+    memory_format = torch.channels_last_3d
 
-    def _view3d(self, src: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
-        cfg = self.cfg
-        x = window_to_unit(src["image"], src["offset"], src["slope"], src["center"], src["width"], cfg, g)
-        x = crop_flip_rotate_3d(x, cfg.volume_crop_size, cfg, g)
-        x = intensity(x, cfg, g)
-        x = gaussian_blur_3d(x, cfg, g)
-        x = gaussian_noise(x, cfg, g)
-        x = (x.clamp_(0, 1) - cfg.mean) / cfg.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return x
+    def __call__(self, batch: dict[str, torch.Tensor], g: torch.Generator) -> list[torch.Tensor]:
+        size = self.cfg.volume_crop_size
+        return [self._view(view_source(batch, v), size, self.cfg, g) for v in range(self.n_views)]
 
     def record(self) -> dict[str, object]:
         return {**super().record(), "volumes": {"crop_size": self.cfg.volume_crop_size,
